@@ -1,0 +1,41 @@
+"""CLOC as a native Hugging Face model. ``import cloc_hf`` registers it with the Auto* classes."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCTextConfig, CLOCVisionConfig
+from .modeling_cloc import CLOCModel, CLOCOutput, CLOCPreTrainedModel, CLOCPrompter, CLOCVisionModel
+from .registry import create_model, get_model_config, list_models
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    """Register configs/models in-process (needed for LLaVA sub-configs, which ignore ``auto_map``) and
+    mark the classes so ``save_pretrained`` writes ``auto_map`` + code for ``trust_remote_code`` users."""
+    for config_cls, model_cls in ((CLOCConfig, CLOCModel), (CLOCVisionConfig, CLOCVisionModel)):
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModel.register(config_cls, model_cls, exist_ok=True)
+    AutoConfig.register(CLOCTextConfig.model_type, CLOCTextConfig, exist_ok=True)
+    AutoConfig.register(CLOCPrompterConfig.model_type, CLOCPrompterConfig, exist_ok=True)
+    for cls in (CLOCConfig, CLOCVisionConfig):
+        cls.register_for_auto_class()
+    for cls in (CLOCModel, CLOCVisionModel):
+        cls.register_for_auto_class("AutoModel")
+
+
+_register()
+
+__all__ = [
+    "CLOCConfig",
+    "CLOCModel",
+    "CLOCOutput",
+    "CLOCPreTrainedModel",
+    "CLOCPrompter",
+    "CLOCPrompterConfig",
+    "CLOCTextConfig",
+    "CLOCVisionConfig",
+    "CLOCVisionModel",
+    "create_model",
+    "get_model_config",
+    "list_models",
+]

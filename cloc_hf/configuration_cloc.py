@@ -1,0 +1,192 @@
+"""CLOC configurations.
+
+The vision and text configs keep CLIP's key names (they subclass transformers' CLIP configs), so a
+``CLIPConfig`` converts 1:1. :class:`CLOCPrompterConfig` holds every choice the paper leaves open,
+each as a documented field with the default this project picked.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.models.clip.configuration_clip import CLIPTextConfig, CLIPVisionConfig
+
+PROMPTER_POOLING = ("prompt", "all")
+PROMPTER_TYPES = ("transformer", "roi_align")
+POSITION_ENCODINGS = ("sinusoidal", "random_fourier")
+TEXT_ADAPTERS = ("linear", "mlp")
+GROUNDING_LOSSES = ("l2", "l1_giou")
+
+
+@strict
+class CLOCVisionConfig(CLIPVisionConfig):
+    r"""The CLIP ViT of CLOC: identical fields and defaults to ``CLIPVisionConfig`` (ViT-B/32 shape).
+
+    Registered as its own ``model_type`` so that ``LlavaConfig(vision_config=CLOCVisionConfig(...))``
+    builds a :class:`~cloc_hf.CLOCVisionModel` through ``AutoModel.from_config``.
+    """
+
+    model_type = "cloc_vision_model"
+    base_config_key = "vision_config"
+
+
+@strict
+class CLOCTextConfig(CLIPTextConfig):
+    r"""The CLIP text transformer of CLOC: identical fields and defaults to ``CLIPTextConfig``."""
+
+    model_type = "cloc_text_model"
+    base_config_key = "text_config"
+
+
+@strict
+class CLOCPrompterConfig(PreTrainedConfig):
+    r"""The Prompter (region encoder) and the box head.
+
+    Args:
+        prompter_type (`str`, defaults to `"transformer"`):
+            `"transformer"`: the paper's Prompter, prompt tokens + one transformer layer over the ViT
+            tokens. `"roi_align"`: the paper's ablation (Table 2), RoI-Align over the patch grid, mean
+            of the bins, then the Prompter's own layer norm and projection.
+        hidden_size (`int`, *optional*):
+            Width of the Prompter. `None` means the ViT width (the paper's choice; filled in by
+            `CLOCConfig`).
+        intermediate_size (`int`, *optional*): MLP width; `None` means `4 * hidden_size`.
+        num_hidden_layers (`int`, defaults to 1): transformer layers (paper: 1).
+        num_attention_heads (`int`, defaults to 1): heads (paper: 1).
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation.
+        layer_norm_eps (`float`, defaults to 1e-5).
+        attention_dropout (`float`, defaults to 0.0).
+        pooling (`str`, defaults to `"prompt"`):
+            What the Prompter's average pooler covers; the paper is ambiguous. `"prompt"`: only the
+            prompt tokens' outputs. Image tokens' outputs are then never needed, so each region costs
+            only its few prompt-token rows of the layer (the ViT tokens' keys/values are computed once
+            per image): the cheap mode. `"all"`: prompt and image tokens, every region runs the full
+            layer over all image tokens (memory bounded by `region_chunk_size`).
+        position_encoding (`str`, defaults to `"sinusoidal"`):
+            How an (x, y) in the normalised model frame becomes a vector: `"sinusoidal"`, fixed
+            sin/cos at geometric frequencies, or `"random_fourier"`, SAM-style Gaussian Fourier
+            features (a fixed buffer saved with the weights).
+        position_temperature (`float`, defaults to 64.0):
+            Longest wavelength, in units of the frame, is `2 * pi`; shortest is
+            `2 * pi / position_temperature` (sinusoidal); std of the Gaussian matrix (random Fourier).
+        image_position_encoding (`bool`, defaults to `True`):
+            Add the same position encoding of each patch centre to the image tokens' keys (and queries
+            in `"all"` mode), so corner tokens can find the patches they describe without relying on
+            positional information surviving the ViT. Not in the paper (it says nothing either way).
+        text_adapter (`str`, defaults to `"linear"`):
+            How a projected text embedding becomes a text-prompt token: `"linear"` (projection_dim
+            -> hidden) or `"mlp"` (two layers, GELU). The paper does not say.
+        region_chunk_size (`int`, defaults to 64):
+            Regions processed together in `"all"` pooling mode (bounds memory, not results).
+        roi_output_size (`int`, defaults to 2): RoI-Align bins per side (`prompter_type="roi_align"`).
+        box_head_hidden_size (`int`, *optional*): box-head MLP width; `None` means `hidden_size`.
+        initializer_range (`float`, defaults to 0.02).
+    """
+
+    model_type = "cloc_prompter"
+    base_config_key = "prompter_config"
+
+    prompter_type: str = "transformer"
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int = 1
+    num_attention_heads: int = 1
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    pooling: str = "prompt"
+    position_encoding: str = "sinusoidal"
+    position_temperature: float = 64.0
+    image_position_encoding: bool = True
+    text_adapter: str = "linear"
+    region_chunk_size: int = 64
+    roi_output_size: int = 2
+    box_head_hidden_size: int | None = None
+    initializer_range: float = 0.02
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: reject unknown choices with a message naming the field."""
+        for name, value, allowed in (
+            ("prompter_type", self.prompter_type, PROMPTER_TYPES),
+            ("pooling", self.pooling, PROMPTER_POOLING),
+            ("position_encoding", self.position_encoding, POSITION_ENCODINGS),
+            ("text_adapter", self.text_adapter, TEXT_ADAPTERS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"CLOCPrompterConfig.{name}={value!r}; expected one of {allowed}")
+        if self.hidden_size is not None:
+            if self.hidden_size % 4:
+                raise ValueError(f"Prompter hidden_size={self.hidden_size} must be divisible by 4 (2-D position codes)")
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"Prompter hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                    f"{self.num_attention_heads}"
+                )
+        if self.num_hidden_layers < 1 or self.region_chunk_size < 1 or self.roi_output_size < 1:
+            raise ValueError("Prompter num_hidden_layers, region_chunk_size and roi_output_size must be >= 1")
+
+
+@strict
+class CLOCConfig(PreTrainedConfig):
+    r"""Configuration of :class:`~cloc_hf.CLOCModel`: CLIP towers + Prompter + box head + losses.
+
+    Args:
+        text_config (`dict` or `CLOCTextConfig`, *optional*): the text tower (CLIP key names).
+        vision_config (`dict` or `CLOCVisionConfig`, *optional*): the ViT (CLIP key names).
+        prompter_config (`dict` or `CLOCPrompterConfig`, *optional*): the Prompter and box head.
+        projection_dim (`int`, defaults to 512): shared embedding size.
+        logit_scale_init_value (`float`, defaults to 2.6592): `log(1 / 0.07)`, CLIP's initial temperature.
+        region_loss_weight (`float`, defaults to 1.0):
+            lambda in `L = L_CLIP + lambda * frac * (L_CLOC + L_grounding)`, where `frac` is the
+            fraction of images in the batch that carry region labels (DESIGN.md section 3).
+        text_filter_threshold (`float`, *optional*, defaults to 0.9):
+            Negative region-text pairs whose captions' text embeddings have cosine similarity above
+            this are dropped from the softmax denominators. `None` disables the filter (ablation).
+        use_grounding_loss (`bool`, defaults to `True`): include `L_grounding` (ablation switch).
+        grounding_loss (`str`, defaults to `"l2"`):
+            `"l2"` (the paper: mean squared error over the 4 coordinates) or `"l1_giou"` (L1 + GIoU,
+            DETR-style).
+        grounding_giou_weight (`float`, defaults to 1.0): weight of the GIoU term in `"l1_giou"`.
+        point_prompt_loss (`bool`, defaults to `False`):
+            Beyond the paper (points are its "future work"): also train point prompts, using each
+            region's box centre as a point with the same region-text loss (the two are averaged).
+            Without it the point-type embedding stays at its initialisation.
+    """
+
+    model_type = "cloc"
+    sub_configs_defaults = {
+        "text_config": CLOCTextConfig,
+        "vision_config": CLOCVisionConfig,
+        "prompter_config": CLOCPrompterConfig,
+    }
+
+    text_config: dict | CLOCTextConfig | None = None
+    vision_config: dict | CLOCVisionConfig | None = None
+    prompter_config: dict | CLOCPrompterConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    region_loss_weight: float = 1.0
+    text_filter_threshold: float | None = 0.9
+    use_grounding_loss: bool = True
+    grounding_loss: str = "l2"
+    grounding_giou_weight: float = 1.0
+    point_prompt_loss: bool = False
+    initializer_factor: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The paper's Prompter has the ViT's width; resolve "same as the ViT" once, here.
+        if self.prompter_config.hidden_size is None:
+            self.prompter_config.hidden_size = self.vision_config.hidden_size
+        self.prompter_config.validate_architecture()
+        for tower in (self.text_config, self.vision_config):
+            tower.projection_dim = self.projection_dim
+
+    def validate_architecture(self):
+        if self.grounding_loss not in GROUNDING_LOSSES:
+            raise ValueError(f"CLOCConfig.grounding_loss={self.grounding_loss!r}; expected one of {GROUNDING_LOSSES}")
+        if self.text_filter_threshold is not None and not -1.0 <= self.text_filter_threshold <= 1.0:
+            raise ValueError(f"CLOCConfig.text_filter_threshold={self.text_filter_threshold} must be a cosine in [-1, 1]")
+
+
+__all__ = ["CLOCConfig", "CLOCPrompterConfig", "CLOCTextConfig", "CLOCVisionConfig"]

@@ -1,0 +1,355 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import make_token_ids
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from safetensors.torch import load_file, save_file
+
+import cloc_hf
+from cloc_hf import CLOCConfig, CLOCModel, CLOCVisionConfig, CLOCVisionModel
+from cloc_hf.modeling_cloc import CLOCPrompterLayer
+
+
+def _boxes(seed, n):
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=gen) * 0.6
+    wh = torch.rand(n, 2, generator=gen) * 0.35 + 0.05
+    return torch.cat([xy, xy + wh], dim=-1)
+
+
+def _batch(model, batch=3, max_regions=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    px = torch.randn(batch, 3, 32, 32, generator=gen)
+    region_boxes = torch.stack([_boxes(seed + i, max_regions) for i in range(batch)])
+    region_mask = torch.zeros(batch, max_regions, dtype=torch.bool)
+    region_mask[0, :3] = True
+    region_mask[1, :1] = True  # image 2 has no regions: lambda is scaled by 2/3
+    region_ids = make_token_ids(batch * max_regions, 6, seed=seed + 1).view(batch, max_regions, 6)
+    return dict(
+        pixel_values=px,
+        input_ids=make_token_ids(batch, 8, seed=seed),
+        region_boxes=region_boxes,
+        region_mask=region_mask,
+        region_input_ids=region_ids,
+        region_attention_mask=torch.ones_like(region_ids),
+    )
+
+
+# -- configs and registry -------------------------------------------------------------------------
+
+
+def test_registry_names_and_sizes():
+    names = cloc_hf.list_models()
+    for required in ("cloc-vit-b-16", "cloc-vit-l-14", "cloc-vit-l-14-336", "cloc-vit-h-14-336", "cloc-tiny"):
+        assert required in names
+    cfg = cloc_hf.get_model_config("cloc-vit-l-14-336")
+    assert (cfg.vision_config.image_size, cfg.vision_config.patch_size, cfg.vision_config.hidden_size) == (336, 14, 1024)
+    assert cfg.prompter_config.hidden_size == 1024  # the paper: Prompter width = ViT width
+    assert (cfg.prompter_config.num_hidden_layers, cfg.prompter_config.num_attention_heads) == (1, 1)
+    with pytest.raises(ValueError, match="unknown CLOC architecture"):
+        cloc_hf.get_model_config("cloc-vit-z")
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    cfg = cloc_hf.get_model_config("cloc-tiny", prompter_config=dict(pooling="all"), text_filter_threshold=None)
+    cfg.save_pretrained(tmp_path)
+    again = CLOCConfig.from_pretrained(tmp_path)
+    assert again.prompter_config.pooling == "all" and again.text_filter_threshold is None
+    assert again.vision_config.to_dict() == cfg.vision_config.to_dict()
+    # strict HF configs wrap the ValueError in StrictDataclassClassValidationError, as CLIPConfig does
+    with pytest.raises((ValueError, StrictDataclassClassValidationError), match="pooling"):
+        cloc_hf.get_model_config("cloc-tiny", prompter_config=dict(pooling="max"))
+
+
+# -- region features --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooling", ["prompt", "all"])
+def test_batched_equals_box_by_box(pooling):
+    torch.manual_seed(0)
+    model = cloc_hf.create_model("cloc-tiny", prompter_config=dict(pooling=pooling, region_chunk_size=2)).eval()
+    px = torch.randn(3, 3, 32, 32)
+    boxes = [_boxes(1, 5), _boxes(2, 0).reshape(0, 4), _boxes(3, 2)]
+    with torch.no_grad():
+        batched = model.get_region_features(px, boxes=boxes)
+        assert [b.shape for b in batched] == [(5, 32), (0, 32), (2, 32)]
+        for i, image_boxes in enumerate(boxes):
+            for j in range(len(image_boxes)):
+                single = model.get_region_features(px[i : i + 1], boxes=[image_boxes[j : j + 1]])[0]
+                torch.testing.assert_close(batched[i][j : j + 1], single, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_pool_equals_full_layer_reference(tiny_model):
+    """The cheap 'prompt' mode must equal one full layer over [prompts; image tokens], prompt rows pooled."""
+    px = torch.randn(2, 3, 32, 32)
+    boxes = [_boxes(4, 3), _boxes(5, 2)]
+    prompter = tiny_model.prompter
+    with torch.no_grad():
+        got = torch.cat(tiny_model.get_region_features(px, boxes=boxes))
+        tokens = tiny_model.vision_model(px).last_hidden_state
+        pos_img = prompter.image_positions(tokens.shape[1], tokens.device, tokens.dtype)
+        expected = []
+        for i, image_boxes in enumerate(boxes):
+            for box in image_boxes:
+                prompts = prompter.prompt_encoder.embed_boxes(box[None])  # (1, 2, d)
+                x = torch.cat([prompts, tokens[i : i + 1]], dim=1)
+                pos = torch.cat([torch.zeros(2, pos_img.shape[1]), pos_img])[None]
+                layer: CLOCPrompterLayer = prompter.layers[0]
+                out = layer(x, pos, x, pos, None)[:, :2].mean(1)
+                expected.append(prompter.projection(prompter.post_layernorm(out)))
+    torch.testing.assert_close(got, torch.cat(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_vit_runs_once_for_many_boxes_and_vision_outputs_skip_it(tiny_model):
+    calls = []
+    hook = tiny_model.vision_model.register_forward_hook(lambda *a: calls.append(1))
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = tiny_model.get_region_features(px, boxes=[_boxes(0, 64), _boxes(1, 30)])
+        assert len(calls) == 1
+        vis = tiny_model.get_image_features(px)
+        assert len(calls) == 2
+        again = tiny_model.get_region_features(vision_outputs=vis, boxes=[_boxes(0, 64), _boxes(1, 30)])
+        points = tiny_model.get_region_features(vision_outputs=vis, points=[torch.rand(3, 2), torch.rand(1, 2)])
+        boxes_from_tensor = tiny_model.get_region_features(vision_outputs=vis.last_hidden_state, boxes=torch.stack(
+            [_boxes(0, 4), _boxes(1, 4)]))
+    hook.remove()
+    assert len(calls) == 2
+    for a, b in zip(feats, again):
+        torch.testing.assert_close(a, b)
+    assert [p.shape for p in points] == [(3, 32), (1, 32)]
+    assert [b.shape for b in boxes_from_tensor] == [(4, 32), (4, 32)]
+
+
+def test_ground_returns_boxes_in_frame(tiny_model):
+    px = torch.randn(2, 3, 32, 32)
+    ids = make_token_ids(3, 6)
+    with torch.no_grad():
+        boxes = tiny_model.ground(px, ids, text_image_index=torch.tensor([0, 1, 1]))
+    assert boxes.shape == (3, 4)
+    assert (boxes >= 0).all() and (boxes <= 1).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
+    with pytest.raises(ValueError, match="text_image_index"):
+        tiny_model.ground(px, ids)
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "boxes, message",
+    [
+        ([torch.tensor([[0.5, 0.1, 0.4, 0.3]]), torch.zeros(0, 4)], r"boxes\[0\]\[0\].*flipped"),
+        ([torch.tensor([[0.1, 0.1, 0.4, 0.3], [0.2, 0.2, 0.2, 0.5]]), torch.zeros(0, 4)], r"boxes\[0\]\[1\]"),
+        ([torch.zeros(0, 4), torch.tensor([[0.1, float("nan"), 0.4, 0.3]])], r"boxes\[1\]\[0\].*NaN"),
+        ([torch.zeros(0, 4), torch.tensor([[0.1, 0.1, 0.4, float("inf")]])], r"boxes\[1\]\[0\].*NaN or inf"),
+        ([torch.tensor([[0.1, 0.1, 0.4]]), torch.zeros(0, 4)], r"boxes\[0\] must have shape \(n, 4\)"),
+        ([torch.tensor([[10.0, 20.0, 100.0, 200.0]]), torch.zeros(0, 4)], r"boxes\[0\]\[0\].*far outside"),
+        ([torch.tensor([[0.1, 0.1, 0.4, 0.3]])], r"got 1 boxes lists for a batch of 2"),
+        (torch.tensor([0.1, 0.1, 0.4, 0.3]), r"one \(n_i, k\) tensor per image"),
+    ],
+)
+def test_bad_boxes_raise_clear_errors(tiny_model, boxes, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.get_region_features(torch.randn(2, 3, 32, 32), boxes=boxes)
+
+
+def test_slightly_outside_boxes_are_clipped(tiny_model):
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        a = tiny_model.get_region_features(px, boxes=[torch.tensor([[-0.02, 0.1, 1.03, 0.5]])])[0]
+        b = tiny_model.get_region_features(px, boxes=[torch.tensor([[0.0, 0.1, 1.0, 0.5]])])[0]
+    torch.testing.assert_close(a, b)
+
+
+def test_bad_points_and_vision_outputs(tiny_model):
+    px = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"points\[0\] must have shape \(n, 2\)"):
+        tiny_model.get_region_features(px, points=[torch.rand(2, 3)])
+    with pytest.raises(ValueError, match="exactly one"):
+        tiny_model.get_region_features(px, boxes=[_boxes(0, 1)], points=[torch.rand(1, 2)])
+    with pytest.raises(ValueError, match=r"vision tokens must have shape"):
+        tiny_model.get_region_features(vision_outputs=torch.randn(1, 65, 7), boxes=[_boxes(0, 1)])
+
+
+# -- training forward, losses, gradients ---------------------------------------------------------------
+
+
+def test_forward_losses_and_weighting(tiny_model):
+    out = tiny_model(**_batch(tiny_model), return_loss=True)
+    assert out.region_embeds.shape == (4, 32) and out.pred_boxes.shape == (4, 4)
+    assert out.region_image_index.tolist() == [0, 0, 0, 1]
+    torch.testing.assert_close(out.region_weight, torch.tensor(2 / 3))
+    expected = out.loss_clip + out.region_weight * (out.loss_region + out.loss_grounding)
+    torch.testing.assert_close(out.loss, expected)
+    # without regions the loss is the CLIP loss alone
+    plain = tiny_model(pixel_values=_batch(tiny_model)["pixel_values"], input_ids=make_token_ids(3), return_loss=True)
+    assert plain.loss_region is None
+    torch.testing.assert_close(plain.loss, plain.loss_clip)
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = cloc_hf.create_model("cloc-tiny", point_prompt_loss=True, prompter_config=dict(text_adapter="mlp"))
+    model.train()
+    out = model(**_batch(model), return_loss=True)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    # the text tower's position rows past the sequence length are never used by construction
+    missing = [n for n in missing if "position_embedding" not in n and "token_embedding" not in n]
+    assert missing == []
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = cloc_hf.create_model("cloc-tiny")
+    batch = _batch(model)
+    model.train()
+    model(**batch, return_loss=True).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.vision_model.encoder.layers[0].gradient_checkpointing
+    assert model.prompter.layers[0].gradient_checkpointing
+    model(**batch, return_loss=True).loss.backward()
+    for name, grad in reference.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
+
+
+def test_region_tensors_must_agree(tiny_model):
+    batch = _batch(tiny_model)
+    batch["region_boxes"] = batch["region_boxes"][:, :2]
+    with pytest.raises(ValueError, match="region tensors disagree"):
+        tiny_model(**batch, return_loss=True)
+
+
+@pytest.mark.parametrize("variant", [dict(prompter_config=dict(prompter_type="roi_align")), dict(
+    prompter_config=dict(pooling="all", position_encoding="random_fourier"))])
+def test_variants_train(variant):
+    torch.manual_seed(0)
+    model = cloc_hf.create_model("cloc-tiny", **variant)
+    out = model(**_batch(model), return_loss=True)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    if variant["prompter_config"].get("prompter_type") == "roi_align":
+        assert model.box_head is None and out.pred_boxes is None
+        with pytest.raises(ValueError, match="no box head"):
+            model.ground(torch.randn(1, 3, 32, 32), make_token_ids(1))
+
+
+# -- save / load ---------------------------------------------------------------------------------------
+
+
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys, json, torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+    ckpt, mode = sys.argv[1], sys.argv[2]
+    if mode == "package":
+        import cloc_hf  # registers the Auto classes
+        model = AutoModel.from_pretrained(ckpt)
+    else:  # a user without the package: code comes from the checkpoint
+        assert "cloc_hf" not in sys.modules
+        model = AutoModel.from_pretrained(ckpt, trust_remote_code=True)
+        assert "cloc_hf" not in sys.modules, "remote code must not import the installed package"
+    inputs = load_file(ckpt + "/inputs.safetensors")
+    with torch.no_grad():
+        regions = model.get_region_features(inputs["pixel_values"], boxes=[inputs["boxes"]])[0]
+        image = model.get_image_features(inputs["pixel_values"]).pooler_output
+    save_file({"regions": regions, "image": image}, sys.argv[3])
+    print(json.dumps({"class": type(model).__name__}))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["package", "remote_code"])
+def test_save_load_round_trip_in_fresh_process(tiny_model, tmp_path, mode):
+    ckpt = tmp_path / "ckpt"
+    tiny_model.save_pretrained(ckpt)
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    assert json.loads((ckpt / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_cloc.CLOCModel"
+    px, boxes = torch.randn(1, 3, 32, 32), _boxes(7, 3)
+    save_file({"pixel_values": px, "boxes": boxes}, str(ckpt / "inputs.safetensors"))
+    with torch.no_grad():
+        expected_regions = tiny_model.get_region_features(px, boxes=[boxes])[0]
+        expected_image = tiny_model.get_image_features(px).pooler_output
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(ckpt), mode, str(tmp_path / "out.safetensors")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["class"] == "CLOCModel"
+    out = load_file(str(tmp_path / "out.safetensors"))
+    torch.testing.assert_close(out["regions"], expected_regions)
+    torch.testing.assert_close(out["image"], expected_image)
+
+
+def test_vision_model_loads_from_full_checkpoint(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    vision = CLOCVisionModel.from_pretrained(tmp_path)
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            vision(px).last_hidden_state, tiny_model.vision_model(px).last_hidden_state
+        )
+
+
+# -- CLIPVisionModel compatibility and the LLaVA contract -----------------------------------------------
+
+
+def test_vision_model_hidden_state_selection():
+    torch.manual_seed(0)
+    model = CLOCVisionModel(cloc_hf.get_model_config("cloc-tiny").vision_config).eval()
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = model(px, output_hidden_states=True)
+        assert len(full.hidden_states) == 3 and full.last_hidden_state.shape == (2, 65, 32)
+        for layer in (0, -2, [-2, -1]):
+            out = model(px, output_hidden_states=layer)
+            for index in [layer] if isinstance(layer, int) else layer:
+                torch.testing.assert_close(out.hidden_states[index], full.hidden_states[index])
+
+
+def test_llava_builds_and_runs_cloc_tower():
+    from transformers import AutoModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLOCVisionConfig(**cloc_hf.get_model_config("cloc-tiny").vision_config.to_dict())
+    text = LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )
+    for layer, strategy, tokens in ((-2, "default", 64), (0, "full", 65)):
+        config = LlavaConfig(
+            vision_config=vision, text_config=text, image_token_id=299, vision_feature_layer=layer,
+            vision_feature_select_strategy=strategy,
+        )
+        torch.manual_seed(0)
+        llava = LlavaForConditionalGeneration(config).eval()
+        assert isinstance(llava.model.vision_tower, CLOCVisionModel)
+        assert isinstance(AutoModel.from_config(vision), CLOCVisionModel)
+        px = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            feats = llava.model.get_image_features(pixel_values=px).pooler_output
+            expected = llava.model.vision_tower(px, output_hidden_states=True).hidden_states[layer]
+            if strategy == "default":
+                expected = expected[:, 1:]
+            torch.testing.assert_close(feats[0], llava.model.multi_modal_projector(expected)[0])
+        assert feats[0].shape == (tokens, 32)
+        ids = torch.tensor([[1] + [299] * tokens + [5, 6]])
+        with torch.no_grad():
+            logits = llava(input_ids=ids, pixel_values=px).logits
+        assert logits.shape == (1, tokens + 3, 300)
+
+
+def test_models_are_auto_registered():
+    from transformers import AutoConfig, AutoModel
+
+    assert isinstance(AutoModel.from_config(cloc_hf.get_model_config("cloc-tiny")), CLOCModel)
+    assert AutoConfig.for_model("cloc_vision_model").__class__ is CLOCVisionConfig
