@@ -123,8 +123,118 @@ def grounding_loss(
     return per_box.sum() if reduction == "sum" else per_box.mean()
 
 
+
+
+class LocalCommunicator:
+    """Single-process stand-in for the collective operations the losses need.
+
+    The distributed version (``training.distributed.GatherCommunicator``) gathers with gradients across
+    ranks; this one returns its inputs. Any object with these three members works.
+    """
+
+    world_size = 1
+
+    def gather(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """All rows of all ranks (with gradients) and the global index of this rank's first row."""
+        return x, 0
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (no gradient needed)."""
+        return x
+
+
+def cloc_losses(
+    *,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    region_embeds: torch.Tensor | None = None,
+    region_text_embeds: torch.Tensor | None = None,
+    point_region_embeds: torch.Tensor | None = None,
+    pred_boxes: torch.Tensor | None = None,
+    target_boxes: torch.Tensor | None = None,
+    images_with_regions: torch.Tensor | None = None,
+    region_loss_weight: float = 1.0,
+    text_filter_threshold: float | None = 0.9,
+    grounding_kind: str = "l2",
+    grounding_giou_weight: float = 1.0,
+    comm=None,
+) -> dict[str, torch.Tensor | None]:
+    """``L = L_CLIP + lambda * frac * (L_CLOC + L_grounding)`` over the *global* batch.
+
+    All embeddings are this rank's, L2-normalised. Each term is a sum over this rank's rows divided by
+    the global row count and multiplied by ``world_size``: averaging the ranks' losses (as DDP averages
+    gradients) then gives exactly the single-process loss, even when ranks hold different numbers of
+    regions. ``images_with_regions`` is a bool ``(B,)`` tensor; ``frac`` is its global mean.
+    """
+    comm = comm or LocalCommunicator()
+    world = comm.world_size
+
+    def normalised(local_sum: torch.Tensor, local_count: int) -> torch.Tensor:
+        total = comm.sum(torch.tensor(float(local_count), device=local_sum.device))
+        return local_sum / total.clamp(min=1) * world
+
+    all_images, offset = comm.gather(image_embeds)
+    all_texts, _ = comm.gather(text_embeds)
+    loss_clip = normalised(
+        clip_contrastive_loss(
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            logit_scale=logit_scale,
+            all_image_embeds=all_images,
+            all_text_embeds=all_texts,
+            offset=offset,
+            reduction="sum",
+        ),
+        image_embeds.shape[0],
+    )
+    out = {"loss": loss_clip, "loss_clip": loss_clip, "loss_region": None, "loss_grounding": None, "region_weight": None}
+    if region_embeds is None:
+        return out
+
+    with torch.no_grad():
+        flags = images_with_regions.float()
+        frac = comm.sum(flags.sum()) / comm.sum(torch.tensor(float(flags.numel()), device=flags.device))
+    region_weight = region_loss_weight * frac
+
+    def region_term(regions: torch.Tensor) -> torch.Tensor:
+        all_regions, r_offset = comm.gather(regions)
+        all_region_texts, _ = comm.gather(region_text_embeds)
+        local = region_text_contrastive_loss(
+            regions,
+            region_text_embeds,
+            logit_scale,
+            text_filter_threshold,
+            all_region_embeds=all_regions,
+            all_text_embeds=all_region_texts,
+            offset=r_offset,
+            reduction="sum",
+        )
+        return normalised(local, regions.shape[0])
+
+    loss_region = region_term(region_embeds)
+    if point_region_embeds is not None:
+        loss_region = 0.5 * (loss_region + region_term(point_region_embeds))
+    if pred_boxes is not None:
+        loss_grounding = normalised(
+            grounding_loss(pred_boxes, target_boxes, grounding_kind, grounding_giou_weight, reduction="sum"),
+            pred_boxes.shape[0],
+        )
+    else:
+        loss_grounding = loss_region.new_zeros(())
+    out.update(
+        loss=loss_clip + region_weight * (loss_region + loss_grounding),
+        loss_region=loss_region,
+        loss_grounding=loss_grounding,
+        region_weight=region_weight,
+    )
+    return out
+
+
 __all__ = [
+    "LocalCommunicator",
     "clip_contrastive_loss",
+    "cloc_losses",
     "false_negative_mask",
     "grounding_loss",
     "region_text_contrastive_loss",

@@ -36,7 +36,7 @@ from .box_ops import (
     validate_points,
 )
 from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCVisionConfig
-from .loss import clip_contrastive_loss, grounding_loss, region_text_contrastive_loss
+from .loss import cloc_losses
 
 # --------------------------------------------------------------------------------------------------
 # Outputs
@@ -57,7 +57,10 @@ class CLOCOutput(ModelOutput):
         image_embeds (`(B, D)`), text_embeds (`(T, D)`): L2-normalised.
         region_embeds (`(R, D)`): L2-normalised box-prompt region embeddings of all valid regions.
         region_text_embeds (`(R, D)`): L2-normalised embeddings of the regions' phrases.
+        point_region_embeds (`(R, D)`): point-prompt (box centre) embeddings when `point_prompt_loss`.
         region_image_index (`(R,)`): image each region belongs to.
+        region_target_boxes (`(R, 4)`): the valid regions' boxes (grounding targets).
+        images_with_regions (`(B,)`): which images carry at least one region.
         pred_boxes (`(R, 4)`): box-head predictions (normalised xyxy) for the region phrases.
         text_model_output, vision_model_output: the towers' outputs.
     """
@@ -73,7 +76,10 @@ class CLOCOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
     region_embeds: torch.FloatTensor | None = None
     region_text_embeds: torch.FloatTensor | None = None
+    point_region_embeds: torch.FloatTensor | None = None
     region_image_index: torch.LongTensor | None = None
+    region_target_boxes: torch.FloatTensor | None = None
+    images_with_regions: torch.BoolTensor | None = None
     pred_boxes: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
@@ -643,8 +649,7 @@ class CLOCModel(CLOCPreTrainedModel):
         scale = self.logit_scale.exp()
         logits_per_text = scale * text_embeds @ image_embeds.t()
 
-        region_embeds = region_text_embeds = pred_boxes = region_index = None
-        loss = loss_clip = loss_region = loss_grounding = region_weight = None
+        region_embeds = region_text_embeds = pred_boxes = region_index = point_regions = boxes = has_regions = None
         if region_boxes is not None:
             if region_mask is None or region_input_ids is None:
                 raise ValueError("region_boxes needs region_mask and region_input_ids")
@@ -655,6 +660,7 @@ class CLOCModel(CLOCPreTrainedModel):
                     f"{tuple(region_mask.shape)}, region_input_ids {tuple(region_input_ids.shape)}"
                 )
             region_mask = region_mask.bool()
+            has_regions = region_mask.any(dim=1)
             region_index = torch.arange(batch, device=region_mask.device)[:, None].expand_as(region_mask)[region_mask]
             boxes = validate_boxes(region_boxes[region_mask], name="region_boxes")
             phrase_ids = region_input_ids[region_mask]
@@ -664,7 +670,6 @@ class CLOCModel(CLOCPreTrainedModel):
             raw_region_texts = self.get_text_features(input_ids=phrase_ids, attention_mask=phrase_mask).pooler_output
             region_embeds = F.normalize(raw_regions, dim=-1)
             region_text_embeds = F.normalize(raw_region_texts, dim=-1)
-            point_regions = None
             if self.config.point_prompt_loss and self.config.prompter_config.prompter_type == "transformer":
                 centres = 0.5 * (boxes[:, :2] + boxes[:, 2:])
                 point_regions = F.normalize(self.prompter(tokens, region_index, points=centres.to(tokens.dtype)), dim=-1)
@@ -672,45 +677,49 @@ class CLOCModel(CLOCPreTrainedModel):
                 text_regions = self.prompter(tokens, region_index, text_embeds=raw_region_texts)
                 pred_boxes = self.box_head(text_regions)
 
-            if return_loss:
-                frac = region_mask.any(dim=1).float().mean()
-                region_weight = self.config.region_loss_weight * frac
-                loss_region = region_text_contrastive_loss(
-                    region_embeds, region_text_embeds, scale, self.config.text_filter_threshold
-                )
-                if point_regions is not None:
-                    loss_point = region_text_contrastive_loss(
-                        point_regions, region_text_embeds, scale, self.config.text_filter_threshold
-                    )
-                    loss_region = 0.5 * (loss_region + loss_point)
-                loss_grounding = (
-                    grounding_loss(pred_boxes, boxes, self.config.grounding_loss, self.config.grounding_giou_weight)
-                    if pred_boxes is not None
-                    else loss_region.new_zeros(())
-                )
-
-        if return_loss:
-            loss_clip = clip_contrastive_loss(logits_per_text)
-            loss = loss_clip
-            if loss_region is not None:
-                loss = loss + region_weight * (loss_region + loss_grounding)
-
-        return CLOCOutput(
-            loss=loss,
-            loss_clip=loss_clip,
-            loss_region=loss_region,
-            loss_grounding=loss_grounding,
-            region_weight=region_weight,
+        output = CLOCOutput(
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             region_embeds=region_embeds,
             region_text_embeds=region_text_embeds,
+            point_region_embeds=point_regions,
             region_image_index=region_index,
+            region_target_boxes=boxes,
+            images_with_regions=has_regions,
             pred_boxes=pred_boxes,
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
+        )
+        if return_loss:
+            for key, value in self.compute_loss(output).items():
+                output[key] = value
+        return output
+
+    def compute_loss(self, outputs: CLOCOutput, comm=None) -> dict[str, torch.Tensor | None]:
+        """The CLOC loss terms from a forward's outputs (DESIGN.md section 3).
+
+        ``comm`` supplies cross-rank gathering (``training.distributed.GatherCommunicator``); by default
+        the batch is this process's alone. Returns ``loss``, ``loss_clip``, ``loss_region``,
+        ``loss_grounding`` and ``region_weight``.
+        """
+        config = self.config
+        return cloc_losses(
+            image_embeds=outputs.image_embeds,
+            text_embeds=outputs.text_embeds,
+            logit_scale=self.logit_scale.exp(),
+            region_embeds=outputs.region_embeds,
+            region_text_embeds=outputs.region_text_embeds,
+            point_region_embeds=outputs.point_region_embeds,
+            pred_boxes=outputs.pred_boxes,
+            target_boxes=outputs.region_target_boxes,
+            images_with_regions=outputs.images_with_regions,
+            region_loss_weight=config.region_loss_weight,
+            text_filter_threshold=config.text_filter_threshold,
+            grounding_kind=config.grounding_loss,
+            grounding_giou_weight=config.grounding_giou_weight,
+            comm=comm,
         )
 
 

@@ -353,3 +353,39 @@ def test_models_are_auto_registered():
 
     assert isinstance(AutoModel.from_config(cloc_hf.get_model_config("cloc-tiny")), CLOCModel)
     assert AutoConfig.for_model("cloc_vision_model").__class__ is CLOCVisionConfig
+
+
+# -- losses ----------------------------------------------------------------------------------------------
+
+
+def test_region_loss_false_negative_filter_matches_hand_computation():
+    from cloc_hf.loss import region_text_contrastive_loss
+
+    torch.manual_seed(0)
+    regions = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    texts[3] = texts[1]  # two regions with the same caption: each is a false negative of the other
+    scale = torch.tensor(10.0)
+    filtered = region_text_contrastive_loss(regions, texts, scale, 0.9)
+    unfiltered = region_text_contrastive_loss(regions, texts, scale, None)
+    logits = scale * regions @ texts.t()
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[1, 3] = keep[3, 1] = False
+
+    def ce(lg, mask):
+        return torch.stack([-(lg[i, i] - lg[i][mask[i]].logsumexp(0)) for i in range(4)]).mean()
+
+    expected = 0.5 * (ce(logits, keep) + ce(scale * texts @ regions.t(), keep))
+    torch.testing.assert_close(filtered, expected)
+    assert not torch.allclose(filtered, unfiltered)
+
+
+def test_grounding_losses():
+    from cloc_hf.loss import grounding_loss
+
+    pred = torch.tensor([[0.1, 0.1, 0.5, 0.5]])
+    target = torch.tensor([[0.1, 0.1, 0.5, 0.7]])
+    torch.testing.assert_close(grounding_loss(pred, target, "l2"), torch.tensor(0.04 / 4))
+    # L1 = 0.05, GIoU = IoU = 0.4 * 0.4 / (0.4 * 0.6) = 2/3
+    torch.testing.assert_close(grounding_loss(pred, target, "l1_giou"), torch.tensor(0.05 + 1 / 3))
+    assert grounding_loss(pred[:0], target[:0]).item() == 0.0

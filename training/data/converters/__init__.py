@@ -1,0 +1,47 @@
+"""Converters from public region-text datasets to :class:`~training.data.format.RegionSample`.
+
+Each converter streams samples with ``image=None`` and the image location in
+``meta["image_path"]``, counting every malformed record or region in a
+:class:`~training.data.shards.SkipCounter`; see :mod:`training.data.converters.common` for the shared
+conventions and ``docs/data_format.md`` for each dataset's field mapping. ``cloc-data convert``
+(:mod:`training.data.cli`) attaches the images and writes shards.
+"""
+
+from training.data.converters.coco import iter_coco_instances, lvis_name
+from training.data.converters.common import (
+    SIZE_UNKNOWN,
+    ImageResolver,
+    clean_sample,
+    iter_rows,
+    make_key,
+    resolve_size,
+    xywh_to_xyxy,
+)
+from training.data.converters.flickr30k import iter_flickr30k, parse_sentence, read_annotation
+from training.data.converters.grit import grit_row_to_sample, iter_grit
+from training.data.converters.refcoco import iter_refcoco, iter_refcoco_rows, iter_refer
+from training.data.converters.visual_genome import iter_visual_genome
+
+FORMATS = ("grit", "vg", "refcoco", "flickr30k", "coco", "lvis")
+
+__all__ = [
+    "FORMATS",
+    "SIZE_UNKNOWN",
+    "ImageResolver",
+    "clean_sample",
+    "grit_row_to_sample",
+    "iter_coco_instances",
+    "iter_flickr30k",
+    "iter_grit",
+    "iter_refcoco",
+    "iter_refcoco_rows",
+    "iter_refer",
+    "iter_rows",
+    "iter_visual_genome",
+    "lvis_name",
+    "make_key",
+    "parse_sentence",
+    "read_annotation",
+    "resolve_size",
+    "xywh_to_xyxy",
+]

@@ -1,0 +1,317 @@
+"""RefCOCO / RefCOCO+ / RefCOCOg referring expressions -> region samples.
+
+Three source layouts are read.
+
+**refer toolkit** (``refs(unc).p`` / ``refs(umd).p`` + ``instances.json`` of the same folder; a
+``refs(NAME).json`` with the same list, as :mod:`training.synthetic` exports, is read too). The
+pickle (loaded with :mod:`training.data.safe_pickle`, never plain ``pickle``) is a list of refs::
+
+    {"ref_id", "ann_id", "image_id", "split": "train|val|testA|testB|test", "category_id",
+     "file_name": "COCO_train2014_..._<ann>.jpg", "sent_ids": [...],
+     "sentences": [{"sent_id", "sent", "raw", "tokens"}, ...]}
+
+``instances.json`` is COCO-format: ``images`` (id, file_name, width, height) and ``annotations``
+(id, image_id, category_id, ``bbox`` = ``[x, y, w, h]`` pixels). A ref's box is its annotation's
+bbox; its phrases are its sentences' ``sent`` (the refer toolkit's normalised, lower-cased text;
+``raw`` when ``sent`` is empty). Both spellings stay in ``meta["sentences"]``.
+
+``per="ref"`` (default, the REC evaluation unit): one sample per ref, key ``ref{ref_id}``, one region
+per sentence (same box), sample ``meta = {ref_id, ann_id, image_id, split, category_id, sentences}``.
+``per="image"``: one sample per image, key ``{image_id}``, regions from all its refs (one per
+sentence) with those ids in each region's ``meta``.
+
+**Hugging Face copies** (parquet / JSON lines rows; per ref only; the layout is detected per row):
+
+* ``lmms-lab/RefCOCO*``: ``question_id``, ``image`` (embedded; ``{"bytes", "path"}`` in parquet),
+  ``question`` (a fixed prompt, ignored), ``answer`` (list of referring expressions -> phrases),
+  ``bbox`` (``[x, y, w, h]`` pixels), ``segmentation``, ``iscrowd``, ``file_name``. The split is
+  not in the rows (it is the parquet file's split): pass ``split``. The size comes from the
+  embedded image.
+* ``jxu124/refcoco*``: the refer fields above plus ``bbox`` (``[x, y, w, h]``; ``raw_anns["bbox"]``
+  when present), ``raw_anns`` / ``raw_image_info`` (JSON strings of the COCO annotation / image; the
+  latter gives ``width``/``height``), ``image_path`` (e.g. ``coco/train2014/COCO_train2014_...jpg``).
+  ``sentences`` may be a list of dicts, of strings, or a JSON string (older revisions).
+
+Captions are ``""`` (RefCOCO has none); region ``source`` is ``"human"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from training.data.converters.common import (
+    SIZE_UNKNOWN,
+    clean_sample,
+    iter_rows,
+    load_json,
+    make_key,
+    xywh_to_xyxy,
+)
+from training.data.format import Region, RegionSample
+from training.data.safe_pickle import load_pickle_file
+from training.data.shards import SkipCounter
+
+PER_CHOICES = ("ref", "image")
+
+
+def _sentence_texts(sentences: Any) -> list[dict[str, Any]]:
+    """Normalise the sentence list to ``[{"sent_id", "sent", "raw"}]`` (dicts, strings or JSON string)."""
+    if isinstance(sentences, str):
+        try:
+            sentences = json.loads(sentences)
+        except json.JSONDecodeError:
+            sentences = [sentences]
+    if not isinstance(sentences, (list, tuple)):
+        raise ValueError(f"sentences is {type(sentences).__name__}, not a list")
+    out = []
+    for s in sentences:
+        if isinstance(s, dict):
+            sent = str(s.get("sent") or s.get("raw") or "")
+            out.append({"sent_id": s.get("sent_id"), "sent": sent, "raw": str(s.get("raw") or sent)})
+        else:
+            out.append({"sent_id": None, "sent": str(s), "raw": str(s)})
+    return out
+
+
+def _ref_regions(box: tuple, sentences: list[dict[str, Any]], region_meta: dict[str, Any]) -> list[Region]:
+    return [
+        Region(box, s["sent"], source="human", meta={**region_meta, "sent_id": s["sent_id"]})
+        for s in sentences
+    ]
+
+
+# --- refer toolkit layout ---------------------------------------------------------------------------
+
+
+def _refs_in(folder: Path) -> Path:
+    refs = sorted(folder.glob("refs(*).p")) or sorted(folder.glob("refs(*).json"))
+    preferred = [p for p in refs if p.name in ("refs(unc).p", "refs(umd).p")]
+    return (preferred or refs)[0]
+
+
+def find_refer_files(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """``(refs pickle, instances.json)`` inside a refer dataset folder (``refs(unc).p`` preferred)."""
+    folder = Path(folder)
+    instances = folder / "instances.json"
+    refs = sorted(folder.glob("refs(*).p")) or sorted(folder.glob("refs(*).json"))
+    if not refs or not instances.is_file():
+        raise FileNotFoundError(f"{folder} does not contain refs(*).p (or refs(*).json) and instances.json")
+    return _refs_in(folder), instances
+
+
+def iter_refer(
+    refs_path: str | os.PathLike,
+    instances_path: str | os.PathLike,
+    skipped: SkipCounter,
+    split: str | None = None,
+    per: str = "ref",
+    dataset: str | None = None,
+) -> Iterator[RegionSample]:
+    """Stream samples from a refer-toolkit pickle + COCO ``instances.json``.
+
+    Args:
+        split: keep only refs of this split (``val``, ``testA``...); all refs when ``None``.
+        per: ``"ref"`` or ``"image"`` (see the module docstring).
+        dataset: ``meta["dataset"]``; defaults to the folder name (``refcoco``, ``refcoco+``...).
+    """
+    if per not in PER_CHOICES:
+        raise ValueError(f"per must be one of {PER_CHOICES}, got {per!r}")
+    dataset = dataset or Path(refs_path).resolve().parent.name or "refcoco"
+    refs = load_json(refs_path) if Path(refs_path).suffix == ".json" else load_pickle_file(refs_path)
+    if not isinstance(refs, list):
+        raise ValueError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
+    instances = load_json(instances_path)
+    images = {img["id"]: img for img in instances.get("images", []) if isinstance(img, dict) and "id" in img}
+    anns = {a["id"]: a for a in instances.get("annotations", []) if isinstance(a, dict) and "id" in a}
+
+    by_image: dict[Any, list[tuple[dict, tuple, list]]] = defaultdict(list)
+    for index, ref in enumerate(refs):
+        where = f"ref{ref.get('ref_id', f'#{index}')}" if isinstance(ref, dict) else f"#{index}"
+        if not isinstance(ref, dict):
+            skipped.skip("bad_record", where, f"ref is {type(ref).__name__}")
+            continue
+        if split is not None and ref.get("split") != split:
+            continue  # filtered, not malformed
+        try:
+            ref_key = make_key("ref", ref["ref_id"])
+            ann = anns[ref["ann_id"]]
+            image = images[ref["image_id"]]
+            (box,) = xywh_to_xyxy([ann["bbox"]])
+            sentences = _sentence_texts(ref["sentences"])
+        except KeyError as err:
+            skipped.skip("bad_record", where, f"missing field or unknown annotation/image id: {err}")
+            continue
+        except (TypeError, ValueError) as err:
+            skipped.skip("bad_record", where, str(err))
+            continue
+        if not sentences:
+            skipped.skip("no_regions", where, "ref has no sentences")
+            continue
+        if per == "image":
+            by_image[ref["image_id"]].append((ref, box, sentences))
+            continue
+        sample = clean_sample(_refer_sample(ref_key, image, [(ref, box, sentences)], dataset, per), skipped)
+        if sample is not None:
+            yield sample
+    if per == "image":
+        for image_id, items in by_image.items():
+            sample = _refer_sample(make_key(image_id), images[image_id], items, dataset, per)
+            sample = clean_sample(sample, skipped)
+            if sample is not None:
+                yield sample
+
+
+def _ref_ids(ref: dict[str, Any]) -> dict[str, Any]:
+    return {k: ref.get(k) for k in ("ref_id", "ann_id", "split", "category_id")}
+
+
+def _refer_sample(key: str, image: dict, items: list, dataset: str, per: str) -> RegionSample:
+    regions = []
+    for ref, box, sentences in items:
+        regions.extend(_ref_regions(box, sentences, _ref_ids(ref) if per == "image" else {}))
+    meta: dict[str, Any] = {"dataset": dataset, "image_id": image["id"], "image_path": image.get("file_name")}
+    if per == "ref":
+        ref, _, sentences = items[0]
+        meta.update(_ref_ids(ref))
+        meta["sentences"] = sentences
+    width, height = image.get("width"), image.get("height")
+    if width is None or height is None:
+        meta[SIZE_UNKNOWN] = True
+    return RegionSample(
+        key=key, caption="", width=int(width or 0), height=int(height or 0), regions=regions, meta=meta
+    )
+
+
+# --- Hugging Face rows ------------------------------------------------------------------------------
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    return value
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return bytes(value) if isinstance(value, (bytes, bytearray)) else None
+
+
+def _lmms_row(row: dict[str, Any], where: str, split: str | None, dataset: str) -> RegionSample:
+    answers = row["answer"]
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    (box,) = xywh_to_xyxy([row["bbox"]])
+    sentences = [{"sent_id": None, "sent": str(a), "raw": str(a)} for a in answers]
+    meta: dict[str, Any] = {
+        "dataset": dataset,
+        "question_id": row.get("question_id"),
+        "image_path": row.get("file_name"),
+        "split": split,
+        "iscrowd": row.get("iscrowd"),
+        "sentences": sentences,
+    }
+    key = make_key("q", row["question_id"]) if row.get("question_id") not in (None, "") else make_key(where)
+    sample = RegionSample(key, "", 0, 0, _ref_regions(box, sentences, {}), meta)
+    sample.meta[SIZE_UNKNOWN] = True
+    sample.image = _image_bytes(row.get("image"))
+    return sample
+
+
+def _jxu_row(row: dict[str, Any], split: str | None, dataset: str) -> RegionSample | None:
+    if split is not None and row.get("split") not in (None, split):
+        return None
+    ann = _maybe_json(row.get("raw_anns"))
+    ann = ann[0] if isinstance(ann, list) and ann else ann
+    bbox = ann["bbox"] if isinstance(ann, dict) and "bbox" in ann else row["bbox"]
+    (box,) = xywh_to_xyxy([bbox])
+    sentences = _sentence_texts(row["sentences"])
+    info = _maybe_json(row.get("raw_image_info"))
+    info = info if isinstance(info, dict) else {}
+    meta: dict[str, Any] = {
+        "dataset": dataset,
+        "image_id": row.get("image_id"),
+        "image_path": row.get("image_path") or info.get("file_name") or row.get("file_name"),
+        **_ref_ids(row),
+        "sentences": sentences,
+    }
+    width, height = info.get("width"), info.get("height")
+    sample = RegionSample(
+        make_key("ref", row["ref_id"]),
+        "",
+        int(width or 0),
+        int(height or 0),
+        _ref_regions(box, sentences, {}),
+        meta,
+    )
+    if not width or not height:
+        sample.meta[SIZE_UNKNOWN] = True
+    sample.image = _image_bytes(row.get("image"))
+    return sample
+
+
+def iter_refcoco_rows(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    skipped: SkipCounter,
+    split: str | None = None,
+    dataset: str = "refcoco",
+) -> Iterator[RegionSample]:
+    """Stream per-ref samples from lmms-lab or jxu124 style rows (parquet / JSON lines).
+
+    lmms-lab rows carry their image bytes in ``sample.image`` and an unknown size (filled from the
+    image by the CLI); jxu124 rows are filtered by ``split`` (their ``split`` column).
+    """
+    for where, row in iter_rows(inputs, skipped):
+        try:
+            if "answer" in row and "bbox" in row:
+                sample = _lmms_row(row, where, split, dataset)
+            elif "sentences" in row and "ref_id" in row:
+                sample = _jxu_row(row, split, dataset)
+                if sample is None:
+                    continue
+            else:
+                skipped.skip("bad_record", where, f"unknown RefCOCO row layout with columns {sorted(row)}")
+                continue
+        except (KeyError, TypeError, ValueError) as err:
+            skipped.skip("bad_record", where, f"{type(err).__name__}: {err}")
+            continue
+        if not sample.regions:
+            skipped.skip("no_regions", sample.key, "no referring expressions")
+            continue
+        sample = clean_sample(sample, skipped)
+        if sample is not None:
+            yield sample
+
+
+def iter_refcoco(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    skipped: SkipCounter,
+    split: str | None = None,
+    per: str = "ref",
+    instances: str | os.PathLike | None = None,
+    dataset: str | None = None,
+) -> Iterator[RegionSample]:
+    """Dispatch on the layout: a refer folder, a ``refs(*).p`` file (``instances`` or the sibling
+    ``instances.json``), or HF row files / folders of them."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    for item in items:
+        path = Path(item)
+        if path.is_dir() and (list(path.glob("refs(*).p")) or list(path.glob("refs(*).json"))):
+            refs, inst = find_refer_files(path) if instances is None else (_refs_in(path), Path(instances))
+            yield from iter_refer(refs, inst, skipped, split=split, per=per, dataset=dataset)
+        elif path.suffix == ".p" or (path.suffix == ".json" and path.name.startswith("refs(")):
+            inst = Path(instances) if instances is not None else path.parent / "instances.json"
+            if not inst.is_file():
+                raise FileNotFoundError(f"{path}: instances.json not found (pass instances=...)")
+            yield from iter_refer(path, inst, skipped, split=split, per=per, dataset=dataset)
+        else:
+            if per != "ref":
+                raise ValueError("Hugging Face RefCOCO rows are converted per ref only (per='ref')")
+            yield from iter_refcoco_rows(path, skipped, split=split, dataset=dataset or "refcoco")
