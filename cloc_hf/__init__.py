@@ -1,9 +1,11 @@
 """CLOC as a native Hugging Face model. ``import cloc_hf`` registers it with the Auto* classes."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
 from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCTextConfig, CLOCVisionConfig
+from .image_processing_cloc import CLOCImageProcessor
 from .modeling_cloc import CLOCModel, CLOCOutput, CLOCPreTrainedModel, CLOCPrompter, CLOCVisionModel
+from .processing_cloc import CLOCProcessor
 from .registry import create_model, get_model_config, list_models
 
 __version__ = "0.1.0"
@@ -17,6 +19,9 @@ def _register() -> None:
         AutoModel.register(config_cls, model_cls, exist_ok=True)
     AutoConfig.register(CLOCTextConfig.model_type, CLOCTextConfig, exist_ok=True)
     AutoConfig.register(CLOCPrompterConfig.model_type, CLOCPrompterConfig, exist_ok=True)
+    for config_cls in (CLOCConfig, CLOCVisionConfig):
+        AutoImageProcessor.register(config_cls, image_processor_classes={"pil": CLOCImageProcessor}, exist_ok=True)
+    AutoProcessor.register(CLOCConfig, CLOCProcessor, exist_ok=True)
     for cls in (CLOCConfig, CLOCVisionConfig):
         cls.register_for_auto_class()
     for cls in (CLOCModel, CLOCVisionModel):
@@ -27,10 +32,12 @@ _register()
 
 __all__ = [
     "CLOCConfig",
+    "CLOCImageProcessor",
     "CLOCModel",
     "CLOCOutput",
     "CLOCPreTrainedModel",
     "CLOCPrompter",
+    "CLOCProcessor",
     "CLOCPrompterConfig",
     "CLOCTextConfig",
     "CLOCVisionConfig",

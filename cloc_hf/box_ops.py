@@ -248,7 +248,15 @@ class FrameTransform:
         norm = pts / pts.new_tensor([self.width, self.height])
         validate_points(norm, name=name)
         sx, sy, tx, ty = self._affine()
-        return (pts * pts.new_tensor([sx, sy]) + pts.new_tensor([tx, ty])).clamp(0, 1)
+        out = pts * pts.new_tensor([sx, sy]) + pts.new_tensor([tx, ty])
+        gone = ((out < -OUTSIDE_TOLERANCE) | (out > 1 + OUTSIDE_TOLERANCE)).any(-1)
+        if gone.any():
+            i = int(gone.nonzero()[0])
+            raise ValueError(
+                f"{name}[{i}] = {pts[i].tolist()} lies outside the centre crop the model sees; "
+                "use resize_mode='pad' to keep the whole image"
+            )
+        return out.clamp(0, 1)
 
     def to_original(self, boxes: torch.Tensor) -> torch.Tensor:
         """Normalised model-frame xyxy ``(..., 4)`` -> original-pixel xyxy, clipped to the image."""
