@@ -667,7 +667,7 @@ class CLOCModel(CLOCPreTrainedModel):
             phrase_mask = region_attention_mask[region_mask] if region_attention_mask is not None else None
             tokens = vision_outputs.last_hidden_state
             raw_regions = self.prompter(tokens, region_index, boxes=boxes.to(tokens.dtype))
-            raw_region_texts = self.get_text_features(input_ids=phrase_ids, attention_mask=phrase_mask).pooler_output
+            raw_region_texts = self._encode_phrases(phrase_ids, phrase_mask)
             region_embeds = F.normalize(raw_regions, dim=-1)
             region_text_embeds = F.normalize(raw_region_texts, dim=-1)
             if self.config.point_prompt_loss and self.config.prompter_config.prompter_type == "transformer":
@@ -696,6 +696,18 @@ class CLOCModel(CLOCPreTrainedModel):
             for key, value in self.compute_loss(output).items():
                 output[key] = value
         return output
+
+    def _encode_phrases(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Projected text embeddings of region phrases; each distinct phrase goes through the tower once.
+
+        Region phrases repeat a lot within a batch ("a person", "the sky"); encoding the unique rows and
+        indexing back gives identical values and gradients for a fraction of the text-tower cost.
+        """
+        key = input_ids if attention_mask is None else torch.cat([input_ids, attention_mask.to(input_ids.dtype)], -1)
+        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+        ids = unique[:, : input_ids.shape[1]]
+        mask = None if attention_mask is None else unique[:, input_ids.shape[1] :].to(attention_mask.dtype)
+        return self.get_text_features(input_ids=ids, attention_mask=mask).pooler_output[inverse]
 
     def compute_loss(self, outputs: CLOCOutput, comm=None) -> dict[str, torch.Tensor | None]:
         """The CLOC loss terms from a forward's outputs (DESIGN.md section 3).
