@@ -5,9 +5,9 @@ overridden with ``--set key=value``)::
 
     # 1 CPU process
     cloc-pretrain --config CONFIG
-    # 2 CPU processes (gloo)
-    accelerate launch --cpu --num_processes 2 -m training.pretrain --config CONFIG
-    #   or: torchrun --nproc_per_node 2 -m training.pretrain --config CONFIG
+    # 2 CPU processes (gloo). `accelerate launch --cpu` starts only one process on a CPU-only machine,
+    # so use torchrun (accelerate picks up its environment):
+    torchrun --nproc_per_node 2 -m training.pretrain --config CONFIG
     # 1 GPU (bf16 automatically)
     accelerate launch --num_processes 1 -m training.pretrain --config CONFIG
     # N GPUs on one node, DeepSpeed ZeRO-2
@@ -255,7 +255,10 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_schedule(config.num_warmup_steps, config.steps, config.min_lr_ratio)
         )
-        self.model, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
+        # The scheduler stays ours: accelerate would step it once per process (it assumes a prepared,
+        # batch-multiplied dataloader, which the rank-aware sampler here replaces).
+        self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        self.scheduler = scheduler
         self.comm = make_communicator()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.elapsed = 0.0  # training seconds (excludes evaluation and checkpointing)
