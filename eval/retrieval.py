@@ -1,0 +1,195 @@
+"""Retrieval and zero-shot classification (DESIGN.md section 6), all results in percent.
+
+* :func:`region_text_retrieval`: GRIT-style region <-> phrase recall@k over (image, box, phrase)
+  triples, region embeddings by any method of :mod:`eval.baselines`;
+* :func:`image_text_retrieval`: image <-> caption recall@k (COCO/Flickr protocol: an image may have
+  several captions);
+* :func:`zero_shot_classification`: top-1 (and top-5) over class-name prompts.
+
+Duplicate texts: the text gallery holds each distinct text once (compared after lower-casing and
+collapsing whitespace, as the tokenizer does), and *every* region/image carrying that text is a
+positive for it. Without this, two copies of "a red circle" would have identical embeddings and the
+tie would count against the model (see :func:`eval.metrics.retrieval_recall_at_k`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from eval.baselines import (
+    EncodeOptions,
+    check_method,
+    encode_class_names,
+    encode_images,
+    encode_regions,
+    encode_texts,
+)
+from eval.metrics import bidirectional_retrieval, topk_accuracy
+from training.data.format import RegionSample
+from training.data.shards import SkipCounter, iter_shard_samples
+
+RETRIEVAL_KS = (1, 5, 10)
+
+
+@dataclass
+class RegionTextImage:
+    """One image with phrases tied to boxes: ``boxes (n, 4)`` xyxy pixels, ``phrases`` n strings."""
+
+    image: Any
+    boxes: torch.Tensor
+    phrases: list[str]
+    key: Any = None
+
+
+@dataclass
+class CaptionedImage:
+    """One image and its captions (one or more)."""
+
+    image: Any
+    captions: list[str] = field(default_factory=list)
+    key: Any = None
+
+
+# --- data from region-text shards ---------------------------------------------------------------------
+def read_shard_samples(
+    shards: str | os.PathLike | Iterable, max_images: int | None = None, skipped: SkipCounter | None = None
+) -> list[RegionSample]:
+    """The first ``max_images`` valid samples of ``shards``, images kept as encoded bytes."""
+    out = []
+    for sample in iter_shard_samples(shards, decode_images=False, skipped=skipped):
+        out.append(sample)
+        if max_images is not None and len(out) >= max_images:
+            break
+    return out
+
+
+def region_texts_from_samples(samples: Iterable[RegionSample]) -> list[RegionTextImage]:
+    """One :class:`RegionTextImage` per sample with regions (their boxes and phrases)."""
+    return [
+        RegionTextImage(
+            image=s.image,
+            boxes=torch.tensor([r.box for r in s.regions], dtype=torch.float32),
+            phrases=[r.phrase for r in s.regions],
+            key=s.key,
+        )
+        for s in samples
+        if s.regions
+    ]
+
+
+def captions_from_samples(samples: Iterable[RegionSample]) -> list[CaptionedImage]:
+    """One :class:`CaptionedImage` per sample with a non-empty caption."""
+    return [
+        CaptionedImage(image=s.image, captions=[s.caption], key=s.key) for s in samples if s.caption.strip()
+    ]
+
+
+# --- duplicates ------------------------------------------------------------------------------------------
+def text_key(text: str) -> str:
+    """What makes two texts the same text: case and whitespace are ignored (the tokenizer ignores them)."""
+    return " ".join(text.lower().split())
+
+
+def deduplicate_texts(texts_per_item: Sequence[Sequence[str]]) -> tuple[list[str], list[list[int]]]:
+    """``(distinct texts in first-seen order, per item the ids of its texts)``."""
+    index: dict[str, int] = {}
+    unique: list[str] = []
+    ids = []
+    for texts in texts_per_item:
+        mine = []
+        for text in texts:
+            key = text_key(text)
+            if key not in index:
+                index[key] = len(unique)
+                unique.append(text)
+            mine.append(index[key])
+        ids.append(sorted(set(mine)))
+    return unique, ids
+
+
+def _retrieval(similarity: torch.Tensor, positives: list[list[int]], ks, names) -> dict[str, float]:
+    mask = torch.zeros(similarity.shape, dtype=torch.bool)
+    for row, ids in enumerate(positives):
+        mask[row, ids] = True
+    return bidirectional_retrieval(similarity, mask, ks=ks, names=names)
+
+
+# --- runners ---------------------------------------------------------------------------------------------
+def region_text_retrieval(
+    model,
+    processor,
+    items: Sequence[RegionTextImage],
+    method: str = "cloc",
+    ks: Sequence[int] = RETRIEVAL_KS,
+    options: EncodeOptions | None = None,
+) -> dict[str, Any]:
+    """Region -> text and text -> region recall@k over every (box, phrase) of ``items``.
+
+    Returns ``{"r2t_r1", ..., "t2r_r10", "num_regions", "num_texts", "method"}``; ``num_texts`` counts
+    distinct phrases (the text gallery).
+    """
+    check_method(method)
+    regions = encode_regions(
+        model, processor, [it.image for it in items], [it.boxes for it in items], method, options
+    )
+    region_embeds = torch.cat(regions) if regions else torch.zeros(0, 0)
+    if len(region_embeds) == 0:
+        raise ValueError("region_text_retrieval: no regions to evaluate")
+    texts, positives = deduplicate_texts([[p] for it in items for p in it.phrases])
+    text_embeds = encode_texts(model, processor, texts, options)
+    out = _retrieval(region_embeds @ text_embeds.T, positives, ks, ("r2t", "t2r"))
+    out.update(method=method, num_regions=len(region_embeds), num_texts=len(texts))
+    return out
+
+
+def image_text_retrieval(
+    model,
+    processor,
+    items: Sequence[CaptionedImage],
+    ks: Sequence[int] = RETRIEVAL_KS,
+    options: EncodeOptions | None = None,
+) -> dict[str, Any]:
+    """Image -> text and text -> image recall@k; ``{"i2t_r1", ..., "t2i_r10", "num_images", "num_texts"}``."""
+    items = [it for it in items if it.captions]
+    if not items:
+        raise ValueError("image_text_retrieval: no captioned images")
+    image_embeds = encode_images(model, processor, [it.image for it in items], options)
+    texts, positives = deduplicate_texts([it.captions for it in items])
+    text_embeds = encode_texts(model, processor, texts, options)
+    out = _retrieval(image_embeds @ text_embeds.T, positives, ks, ("i2t", "t2i"))
+    out.update(num_images=len(items), num_texts=len(texts))
+    return out
+
+
+def zero_shot_classification(
+    model,
+    processor,
+    images: Sequence,
+    labels: Sequence[int] | torch.Tensor,
+    class_names: Sequence[str],
+    templates: Sequence[str] | None = None,
+    options: EncodeOptions | None = None,
+) -> dict[str, Any]:
+    """Zero-shot classification: each image gets the class whose (template-averaged) name embedding is
+    closest to its image embedding. ``templates`` hold ``{}`` (``"a photo of a {}."``); without them
+    the plain class names are the prompts.
+
+    Returns ``{"top1", "top5" (with >= 5 classes), "num_images", "num_classes"}``.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError("zero_shot_classification: no images")
+    class_embeds = encode_class_names(model, processor, class_names, templates, options)
+    logits = encode_images(model, processor, images, options) @ class_embeds.T
+    out: dict[str, Any] = {"top1": topk_accuracy(logits, labels, 1)}
+    if len(class_names) >= 5:
+        out["top5"] = topk_accuracy(logits, labels, 5)
+    out.update(num_images=len(images), num_classes=len(class_names))
+    return out

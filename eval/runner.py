@@ -1,0 +1,427 @@
+"""Run every evaluation task on one model and collect the results as JSON-ready rows.
+
+:func:`evaluate` takes a model, its processor and a dataset folder, runs the tasks of :data:`TASKS`
+with the region methods of :data:`METHODS`, and returns::
+
+    {"rows": [ROW, ...],                      # one per method, the summary the reports render
+     "region": {method: {...}},               # full results per task (eval.region / retrieval / rec)
+     "region_retrieval": {method: {...}},
+     "image_retrieval": {...}, "zeroshot": {...},
+     "rec": {"box_head": {split: {...}} | None, "ranking": {method: {split: {...}}}},
+     "meta": {"data", "split", "tasks", "methods", "max_images", "model", "skipped", "seconds"}}
+
+A ROW has every key of :data:`ROW_KEYS` plus ``region_<attribute>_acc`` for each class attribute of
+the data (``region_shape_acc``, ``region_colour_acc`` on the synthetic scenes), in percent, ``None``
+where the method has no such output or the task did not run:
+
+=====================  ==================================================================
+``name``               the region method: ``"cloc"``, ``"clip-crop"``, ``"clip-maskbg"``, ``"clip-roi"``
+``model``              the model's name (``model_name``), or ``None``
+``region_macc``        region recognition, mean per-class accuracy (GT boxes, plain class names)
+``region_acc``         region recognition, overall accuracy
+``region_r2t_r10``     region -> phrase recall@10;  ``region_t2r_r10``: phrase -> region
+``image_i2t_r1``       image -> caption recall@1;  ``image_t2i_r1``: caption -> image
+``zeroshot_top1``      zero-shot classification top-1 (single-object images, class names)
+``rec_acc50``          REC Acc@0.5 by ranking the image's GT boxes with this method's regions
+``rec_head_acc50``     REC Acc@0.5 of the box head (``"cloc"`` row of a model with a box head)
+=====================  ==================================================================
+
+Image-level numbers (``image_*``, ``zeroshot_top1``) do not depend on the region method: every row of
+one model carries the same values. REC rows use the ``split`` argument; every split is in ``"rec"``.
+
+Data layouts (:func:`resolve_data`): a synthetic dataset written by
+:func:`training.synthetic.write_synthetic_dataset` (found by its ``dataset_info.json``), or a folder
+holding ``instances_{split}.json`` (or ``annotations/instances_{split}.json``), the images in
+``{split}/images``, ``images`` or ``{split}``, region-text shards in ``{split}/`` or the folder itself,
+and refer-style ``refs(*).p|json`` + ``instances.json``. Any path can be given explicitly instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval.baselines import EncodeOptions, check_method
+from eval.rec import RecImage, evaluate_rec, load_refs
+from eval.region import RegionRecognitionData, load_coco_regions, region_recognition
+from eval.retrieval import (
+    RegionTextImage,
+    captions_from_samples,
+    image_text_retrieval,
+    read_shard_samples,
+    region_text_retrieval,
+    region_texts_from_samples,
+    zero_shot_classification,
+)
+from training.data.shards import list_shards
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("region", "region_retrieval", "image_retrieval", "zeroshot", "rec")
+METHODS = ("cloc", "clip-crop", "clip-maskbg", "clip-roi")
+ROW_KEYS = (
+    "name",
+    "model",
+    "region_macc",
+    "region_acc",
+    "region_r2t_r10",
+    "region_t2r_r10",
+    "image_i2t_r1",
+    "image_t2i_r1",
+    "zeroshot_top1",
+    "rec_acc50",
+    "rec_head_acc50",
+)
+SYNTHETIC_INFO = "dataset_info.json"
+
+
+@dataclass
+class RecSource:
+    """Where REC reads one group of splits: refs file, the instances its ids point to, the image folder.
+    ``splits=None``: every split in the refs file except ``train``."""
+
+    refs: Path
+    instances: Path
+    image_dir: Path
+    splits: tuple[str, ...] | None = None
+
+
+@dataclass
+class EvalData:
+    """The files each task reads; ``None`` / empty means the task has no data here and is skipped."""
+
+    root: Path | None = None
+    instances: Path | None = None  # region recognition and zero-shot (COCO/LVIS instances)
+    image_dir: Path | None = None
+    shards: list[str] = field(default_factory=list)  # region-text and image-text retrieval
+    rec: list[RecSource] = field(default_factory=list)
+
+
+def _first_existing(*paths: Path) -> Path | None:
+    return next((p for p in paths if p.exists()), None)
+
+
+def _synthetic_data(root: Path, split: str) -> EvalData:
+    info = json.loads((root / SYNTHETIC_INFO).read_text(encoding="utf-8"))
+    entry = info.get("splits", {}).get(split)
+    if entry is None:
+        raise ValueError(f"{root} has no {split!r} split; it has {sorted(info.get('splits', {}))}")
+    data = EvalData(root=root, shards=[str(root / p) for p in entry.get("shards", [])])
+    if "instances" in entry:
+        data.instances, data.image_dir = root / entry["instances"], root / entry["images_dir"]
+    if info.get("refs"):
+        data.rec = [
+            RecSource(root / info["refs"], root / e["instances"], root / e["images_dir"], (name,))
+            for name, e in info["splits"].items()
+            if "instances" in e
+        ]
+    return data
+
+
+def _generic_data(root: Path, split: str) -> EvalData:
+    data = EvalData(root=root)
+    data.instances = _first_existing(
+        root / f"instances_{split}.json", root / "annotations" / f"instances_{split}.json"
+    )
+    data.image_dir = _first_existing(root / split / "images", root / "images", root / split)
+    for folder in (root / split, root):
+        if folder.is_dir() and list_shards(folder):
+            data.shards = list_shards(folder)
+            break
+    refs = sorted(root.glob("refs(*).p")) + sorted(root.glob("refs(*).json"))
+    preferred = [p for p in refs if p.name in ("refs(unc).p", "refs(umd).p")]
+    if refs and (root / "instances.json").is_file():
+        data.rec = [
+            RecSource((preferred or refs)[0], root / "instances.json", data.image_dir or root / "images")
+        ]
+    return data
+
+
+def resolve_data(
+    data_dir: str | os.PathLike | None,
+    split: str = "test",
+    *,
+    instances: str | None = None,
+    images: str | None = None,
+    shards: str | Sequence[str] | None = None,
+    refs: str | None = None,
+    refs_instances: str | None = None,
+    refs_images: str | None = None,
+) -> EvalData:
+    """Find the files of each task in ``data_dir`` (see the module docstring); keyword paths override."""
+    root = Path(data_dir) if data_dir is not None else None
+    if root is None:
+        data = EvalData()
+    elif not root.is_dir():
+        raise FileNotFoundError(f"data directory {root} does not exist")
+    elif (root / SYNTHETIC_INFO).is_file():
+        data = _synthetic_data(root, split)
+    else:
+        data = _generic_data(root, split)
+    if instances:
+        data.instances = Path(instances)
+    if images:
+        data.image_dir = Path(images)
+    if shards:
+        data.shards = list_shards(shards)
+    if refs:
+        ref_instances = refs_instances or (data.rec[0].instances if data.rec else None) or data.instances
+        ref_images = refs_images or (data.rec[0].image_dir if data.rec else None) or data.image_dir
+        if ref_instances is None or ref_images is None:
+            raise ValueError("--refs needs the instances file and image folder its ids point to")
+        data.rec = [RecSource(Path(refs), Path(ref_instances), Path(ref_images))]
+    if data.instances is not None and data.image_dir is None:
+        data.image_dir = data.instances.parent
+    return data
+
+
+# --- evaluation ------------------------------------------------------------------------------------------
+class _Run:
+    """Holds the state of one :func:`evaluate` call: loaded data (once per task family), results, timings."""
+
+    def __init__(self, model, processor, data: EvalData, split: str, max_images, options, templates):
+        self.model, self.processor, self.data = model, processor, data
+        self.split, self.max_images, self.options, self.templates = split, max_images, options, templates
+        self.results: dict[str, Any] = {}
+        self.skipped: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+        self._regions: RegionRecognitionData | None = None
+        self._samples: list | None = None
+        self._rec: dict[str, list[RecImage]] | None = None
+
+    # lazily loaded data ----------------------------------------------------------------------------------
+    def regions(self) -> RegionRecognitionData | None:
+        if self._regions is None and self.data.instances is not None:
+            self._regions = load_coco_regions(
+                self.data.instances, self.data.image_dir, max_images=self.max_images
+            )
+        return self._regions
+
+    def samples(self) -> list:
+        if self._samples is None:
+            self._samples = read_shard_samples(self.data.shards, self.max_images) if self.data.shards else []
+        return self._samples
+
+    def rec_data(self) -> dict[str, list[RecImage]]:
+        if self._rec is None:
+            self._rec = {}
+            for source in self.data.rec:
+                self._rec.update(
+                    load_refs(
+                        source.refs,
+                        source.instances,
+                        source.image_dir,
+                        splits=source.splits,
+                        max_images=self.max_images,
+                    )
+                )
+        return self._rec
+
+    def region_texts(self) -> list[RegionTextImage]:
+        items = region_texts_from_samples(self.samples())
+        if not items and self.split in self.rec_data():  # refer-only data: the expressions are the phrases
+            items = [
+                RegionTextImage(
+                    img.image,
+                    torch.tensor([e.box for e in img.expressions], dtype=torch.float32).reshape(-1, 4),
+                    [e.sentence for e in img.expressions],
+                )
+                for img in self.rec_data()[self.split]
+            ]
+        return items
+
+    # tasks ---------------------------------------------------------------------------------------------
+    def timed(self, name: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        return out
+
+    def run(self, task: str, methods: Sequence[str]) -> None:
+        getattr(self, f"_task_{task}")(methods)
+
+    def _task_region(self, methods):
+        data = self.regions()
+        if data is None or data.num_regions == 0:
+            self.skipped["region"] = "no COCO/LVIS instances file with boxes"
+            return
+        self.results["region"] = {
+            m: self.timed(
+                f"region/{m}", region_recognition, self.model, self.processor, data, m, self.options
+            )
+            for m in methods
+        }
+
+    def _task_region_retrieval(self, methods):
+        items = self.region_texts()
+        if not items:
+            self.skipped["region_retrieval"] = "no shards with regions (and no refs of this split)"
+            return
+        self.results["region_retrieval"] = {
+            m: self.timed(
+                f"region_retrieval/{m}",
+                region_text_retrieval,
+                self.model,
+                self.processor,
+                items,
+                m,
+                (1, 5, 10),
+                self.options,
+            )
+            for m in methods
+        }
+
+    def _task_image_retrieval(self, methods):
+        items = captions_from_samples(self.samples())
+        if not items:
+            self.skipped["image_retrieval"] = "no shards with captions"
+            return
+        self.results["image_retrieval"] = self.timed(
+            "image_retrieval",
+            image_text_retrieval,
+            self.model,
+            self.processor,
+            items,
+            (1, 5, 10),
+            self.options,
+        )
+
+    def _task_zeroshot(self, methods):
+        data = self.regions()
+        single = [img for img in data.images if len(img.labels) == 1] if data is not None else []
+        if not single:
+            self.skipped["zeroshot"] = "no single-object images in the instances file"
+            return
+        self.results["zeroshot"] = self.timed(
+            "zeroshot",
+            zero_shot_classification,
+            self.model,
+            self.processor,
+            [img.image for img in single],
+            [int(img.labels[0]) for img in single],
+            data.class_names,
+            self.templates,
+            self.options,
+        )
+
+    def _task_rec(self, methods):
+        data = self.rec_data()
+        if not data:
+            self.skipped["rec"] = "no refs file with expressions for the instances given"
+            return
+        self.results["rec"] = self.timed(
+            "rec", evaluate_rec, self.model, self.processor, data, methods, "cloc" in methods, self.options
+        )
+
+
+def _get(d: dict | None, *keys):
+    for key in keys:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def build_rows(
+    results: dict[str, Any], methods: Sequence[str], split: str, model_name: str | None = None
+) -> list[dict]:
+    """One summary row per method from the per-task results (see the module docstring)."""
+    attributes = sorted({a for r in (results.get("region") or {}).values() for a in r.get("attributes", {})})
+    rows = []
+    for method in methods:
+        row: dict[str, Any] = {key: None for key in ROW_KEYS}
+        row.update(name=method, model=model_name)
+        region = _get(results, "region", method) or {}
+        row["region_macc"], row["region_acc"] = region.get("macc"), region.get("acc")
+        for attr in attributes:
+            row[f"region_{attr}_acc"] = _get(region, "attributes", attr)
+        row["region_r2t_r10"] = _get(results, "region_retrieval", method, "r2t_r10")
+        row["region_t2r_r10"] = _get(results, "region_retrieval", method, "t2r_r10")
+        row["image_i2t_r1"] = _get(results, "image_retrieval", "i2t_r1")
+        row["image_t2i_r1"] = _get(results, "image_retrieval", "t2i_r1")
+        row["zeroshot_top1"] = _get(results, "zeroshot", "top1")
+        row["rec_acc50"] = _get(results, "rec", "ranking", method, split, "acc@0.5")
+        if method == "cloc":
+            row["rec_head_acc50"] = _get(results, "rec", "box_head", split, "acc@0.5")
+        rows.append(row)
+    return rows
+
+
+def jsonable(value):
+    """``value`` with NaN/inf floats replaced by ``None`` (strict JSON) and tuples as lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def evaluate(
+    model,
+    processor,
+    data_dir: str | os.PathLike | EvalData,
+    tasks: Sequence[str] = TASKS,
+    methods: Sequence[str] = METHODS,
+    max_images: int | None = None,
+    *,
+    split: str = "test",
+    options: EncodeOptions | None = None,
+    zeroshot_templates: Sequence[str] | None = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Run ``tasks`` with region ``methods`` on the data in ``data_dir``; results in percent.
+
+    Args:
+        data_dir: a dataset folder (see :func:`resolve_data`) or an :class:`EvalData`.
+        tasks: a subset of :data:`TASKS`; a task without data is skipped (the reason is in
+            ``meta["skipped"]``) and its row fields stay ``None``.
+        methods: a subset of :data:`METHODS`; image-level tasks run once whatever the methods.
+        max_images: evaluate only the first N images of each task's data (each REC split separately).
+        split: the split evaluated (synthetic data: ``"test"`` or ``"val"``) and the REC split of the rows.
+        options: batch sizes and baseline settings (:class:`~eval.baselines.EncodeOptions`).
+        zeroshot_templates: prompt templates with ``{}`` for zero-shot classification (default: none,
+            the plain class names).
+        model_name: written into every row.
+    Returns:
+        the JSON-ready dict described in the module docstring (NaN written as ``None``).
+    """
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; expected a subset of {TASKS}")
+    methods = [check_method(m) for m in methods]
+    data = data_dir if isinstance(data_dir, EvalData) else resolve_data(data_dir, split)
+    run = _Run(model, processor, data, split, max_images, options or EncodeOptions(), zeroshot_templates)
+    for task in TASKS:  # fixed order: tasks sharing data load it once
+        if task in tasks:
+            logger.info("evaluating %s", task)
+            run.run(task, methods)
+    out = dict(run.results)
+    out["rows"] = build_rows(run.results, methods, split, model_name)
+    out["meta"] = {
+        "data": str(data.root) if data.root else None,
+        "split": split,
+        "tasks": [t for t in TASKS if t in tasks],
+        "methods": list(methods),
+        "max_images": max_images,
+        "model": model_name,
+        "skipped": run.skipped,
+        "seconds": run.seconds,
+    }
+    return jsonable(out)
+
+
+def save_results(results: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write results as strict JSON (no NaN)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(jsonable(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")

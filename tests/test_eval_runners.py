@@ -1,0 +1,373 @@
+"""Evaluation runners and ``cloc-eval`` on a tiny synthetic dataset with a tiny random model.
+
+Values from a random model are only checked for range; the known answers come from models whose
+features are monkeypatched to the answer (the text embedding of the right class / phrase / box), and
+from hand-drawn images whose crops and masks are checked pixel by pixel.
+"""
+
+import json
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cloc_hf
+from cloc_hf.processing_cloc import CLOCProcessor
+from eval.baselines import (
+    EncodeOptions,
+    box_pixel_bounds,
+    crop_region,
+    encode_regions,
+    encode_texts,
+    mask_background,
+)
+from eval.cli import main
+from eval.rec import load_refs, rec_by_box_head, rec_by_ranking
+from eval.region import load_coco_regions, region_recognition
+from eval.report import render_markdown
+from eval.retrieval import (
+    captions_from_samples,
+    deduplicate_texts,
+    image_text_retrieval,
+    read_shard_samples,
+    region_text_retrieval,
+    region_texts_from_samples,
+    zero_shot_classification,
+)
+from eval.runner import METHODS, ROW_KEYS, evaluate
+from training.synthetic import SyntheticSceneConfig, write_synthetic_dataset
+
+ONE_CHUNK = EncodeOptions(batch_size=64)  # every image in one call, so patched features can index images
+RED, BLUE = (220, 30, 30), (40, 70, 230)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return cloc_hf.create_model("cloc-tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return CLOCProcessor.offline(size=32)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(SyntheticSceneConfig(seed=3), root, n_train=0, n_val=3, n_test=12)
+    return root
+
+
+def _in_range(value):
+    return value is None or 0.0 <= value <= 100.0
+
+
+def _two_boxes_image(width=40, height=20):
+    """Blue image with a red box at x 10..20, y 4..12 (pixel edges) and a green one at x 26..36, y 6..16."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:] = BLUE
+    pixels[4:12, 10:20] = RED
+    pixels[6:16, 26:36] = (30, 170, 50)
+    return PIL.Image.fromarray(pixels)
+
+
+# --- the pixel baselines ------------------------------------------------------------------------------
+def test_crop_adds_margin_and_clips_to_the_image():
+    image = _two_boxes_image()
+    # box 10 x 8: margin 1.5 px left/right, 1.2 px top/bottom -> floor/ceil outward
+    assert box_pixel_bounds((10, 4, 20, 12), 40, 20, 0.15) == (8, 2, 22, 14)
+    crop = np.asarray(crop_region(image, (10, 4, 20, 12), 0.15))
+    assert crop.shape == (12, 14, 3)
+    assert (crop[2:10, 2:12] == RED).all()
+    assert (crop[0, :] == BLUE).all() and (crop[:, 0] == BLUE).all()
+    # near the border the margin is clipped, never wrapped
+    assert box_pixel_bounds((0, 0, 10, 20), 40, 20, 0.15) == (0, 0, 12, 20)
+    exact = np.asarray(crop_region(image, (10, 4, 20, 12), 0.0))
+    assert exact.shape == (8, 10, 3) and (exact == RED).all()
+
+
+def test_mask_background_keeps_the_box_and_fills_the_rest(processor):
+    image = _two_boxes_image()
+    fill = processor.image_processor.pad_color
+    masked = np.asarray(mask_background(image, (10, 4, 20, 12), fill))
+    assert masked.shape == (20, 40, 3)  # the object keeps its place and scale
+    assert (masked[4:12, 10:20] == RED).all()
+    outside = np.ones((20, 40), bool)
+    outside[4:12, 10:20] = False
+    assert (masked[outside] == fill).all()  # the green object is gone too
+
+
+@pytest.mark.parametrize("method", ["clip-crop", "clip-maskbg"])
+def test_pixel_baselines_encode_the_cut_image(model, processor, monkeypatch, method):
+    image = _two_boxes_image()
+    seen = []
+    original = model.get_image_features
+
+    def spy(pixel_values, **kwargs):
+        seen.append(pixel_values.clone())
+        return original(pixel_values=pixel_values, **kwargs)
+
+    monkeypatch.setattr(model, "get_image_features", spy)
+    box = (26, 6, 36, 16)
+    opts = EncodeOptions(crop_margin=0.0)
+    (embeds,) = encode_regions(model, processor, [image], [torch.tensor([box])], method, opts)
+    expected_image = (
+        crop_region(image, box, 0.0)
+        if method == "clip-crop"
+        else mask_background(image, box, processor.image_processor.pad_color)
+    )
+    expected = processor(images=[expected_image])["pixel_values"]
+    assert len(seen) == 1 and torch.equal(seen[0], expected)
+    with torch.no_grad():
+        direct = F.normalize(original(pixel_values=expected).pooler_output, dim=-1)
+    assert embeds.shape == (1, model.config.projection_dim)
+    torch.testing.assert_close(embeds, direct)
+
+
+def test_clip_roi_of_the_whole_image_is_the_projected_mean_patch(model, processor):
+    # RoI-Align with 2x2 bins x 2x2 samples on an 8x8 grid samples every pair of cells equally, so a
+    # full-frame box pools the plain mean of the 64 patch tokens
+    image = _two_boxes_image(32, 32)
+    (embeds,) = encode_regions(
+        model, processor, [image], [torch.tensor([[0.0, 0.0, 32.0, 32.0]])], "clip-roi"
+    )
+    with torch.no_grad():
+        tokens = model.get_image_features(
+            pixel_values=processor(images=[image])["pixel_values"]
+        ).last_hidden_state
+        expected = model.visual_projection(model.vision_model.post_layernorm(tokens[:, 1:].mean(1)))
+    torch.testing.assert_close(embeds, F.normalize(expected, dim=-1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_chunking_keeps_every_region_with_its_image(model, processor, method):
+    images = [_two_boxes_image(), _two_boxes_image(32, 32), _two_boxes_image(24, 40)]
+    boxes = [
+        torch.tensor([[10.0, 4, 20, 12], [26, 6, 36, 16]]),
+        torch.zeros(0, 4),
+        torch.tensor([[2.0, 3, 20, 30]]),
+    ]
+    whole = encode_regions(model, processor, images, boxes, method, ONE_CHUNK)
+    one_by_one = encode_regions(model, processor, images, boxes, method, EncodeOptions(batch_size=1))
+    assert [tuple(e.shape) for e in whole] == [(2, 32), (0, 32), (1, 32)]
+    for a, b in zip(whole, one_by_one):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.norm(dim=-1), torch.ones(len(a)))
+
+
+# --- known answers through patched features --------------------------------------------------------
+def _patch_regions(monkeypatch, model, per_image):
+    """``get_region_features`` returns ``per_image[i][j]`` for box ``j`` of image ``i`` of the call."""
+
+    def fake(pixel_values=None, boxes=None, points=None, vision_outputs=None):
+        assert len(boxes) == len(per_image), "the patched model expects every image in one call"
+        return [per_image[i][: len(b)] for i, b in enumerate(boxes)]
+
+    monkeypatch.setattr(model, "get_region_features", fake)
+
+
+def test_region_recognition_is_perfect_when_regions_equal_class_texts(
+    model, processor, synthetic, monkeypatch
+):
+    data = load_coco_regions(synthetic / "instances_test.json", synthetic / "test" / "images")
+    assert set(data.attributes) == {"shape", "colour"}
+    assert any(img.sizes for img in data.images)
+    names = encode_texts(model, processor, data.class_names)
+    _patch_regions(monkeypatch, model, [names[img.labels] for img in data.images])
+    result = region_recognition(model, processor, data, "cloc", ONE_CHUNK)
+    assert result["macc"] == pytest.approx(100.0) and result["acc"] == pytest.approx(100.0)
+    assert result["attributes"] == {"shape": pytest.approx(100.0), "colour": pytest.approx(100.0)}
+    assert sum(v["count"] for v in result["by_size"].values()) == result["num_regions"] == data.num_regions
+
+    # the same class texts shifted by one class: every prediction wrong
+    _patch_regions(monkeypatch, model, [names[(img.labels + 1) % len(names)] for img in data.images])
+    assert region_recognition(model, processor, data, "cloc", ONE_CHUNK)["macc"] == 0.0
+
+
+def test_region_text_retrieval_counts_duplicate_phrases_as_positives(
+    model, processor, synthetic, monkeypatch
+):
+    items = region_texts_from_samples(read_shard_samples(synthetic / "test"))
+    texts, ids = deduplicate_texts([[p] for it in items for p in it.phrases])
+    assert len(texts) < sum(len(it.phrases) for it in items), "the fixture should repeat a phrase"
+    embeds = encode_texts(model, processor, texts)
+    per_image, row = [], 0
+    for it in items:
+        per_image.append(embeds[[i for (i,) in ids[row : row + len(it.phrases)]]])
+        row += len(it.phrases)
+    _patch_regions(monkeypatch, model, per_image)
+    result = region_text_retrieval(model, processor, items, "cloc", options=ONE_CHUNK)
+    assert result["r2t_r1"] == pytest.approx(100.0) and result["t2r_r1"] == pytest.approx(100.0)
+    assert result["num_texts"] == len(texts)
+
+
+def test_deduplicate_texts_ignores_case_and_spacing():
+    texts, ids = deduplicate_texts([["A red  circle"], ["a red circle", "a ring"], ["a ring"]])
+    assert texts == ["A red  circle", "a ring"] and ids == [[0], [0, 1], [1]]
+
+
+def test_image_text_retrieval_known_answer(model, processor, synthetic, monkeypatch):
+    items = captions_from_samples(read_shard_samples(synthetic / "test"))
+    texts, ids = deduplicate_texts([it.captions for it in items])
+    caption_embeds = encode_texts(model, processor, texts)
+    pixels = processor(images=[it.image for it in items])["pixel_values"]
+
+    class Output:
+        def __init__(self, pooled):
+            self.pooler_output = pooled
+
+    def fake(pixel_values, **kwargs):  # identify each image by its pixels
+        rows = [next(i for i in range(len(pixels)) if torch.equal(pixels[i], p)) for p in pixel_values]
+        return Output(caption_embeds[[ids[r][0] for r in rows]])
+
+    monkeypatch.setattr(model, "get_image_features", fake)
+    result = image_text_retrieval(model, processor, items, options=EncodeOptions(batch_size=5))
+    assert result["i2t_r1"] == pytest.approx(100.0) and result["t2i_r1"] == pytest.approx(100.0)
+    assert result["num_images"] == len(items)
+
+
+def test_zero_shot_classification_in_range(model, processor):
+    images = [_two_boxes_image(32, 32), _two_boxes_image(32, 16)]
+    result = zero_shot_classification(
+        model, processor, images, [0, 1], ["red", "blue"], templates=["a {} box", "{}"]
+    )
+    assert result["num_images"] == 2 and result["top1"] in (0.0, 50.0, 100.0) and "top5" not in result
+    with pytest.raises(ValueError, match="no '\\{\\}'"):
+        zero_shot_classification(model, processor, images, [0, 1], ["red", "blue"], templates=["a box"])
+
+
+# --- REC on a non-square image, so the frame mapping matters --------------------------------------------
+@pytest.fixture
+def refer_files(tmp_path):
+    """One 40x20 image (padded to a square by the processor), two objects, two expressions."""
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    _two_boxes_image().save(image_dir / "a.png")
+    instances = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20}],
+        "annotations": [
+            {"id": 11, "image_id": 1, "category_id": 1, "bbox": [10, 4, 10, 8], "iscrowd": 0},
+            {"id": 12, "image_id": 1, "category_id": 2, "bbox": [26, 6, 10, 10], "iscrowd": 0},
+        ],
+        "categories": [{"id": 1, "name": "red box"}, {"id": 2, "name": "green box"}],
+    }
+    refs = [
+        {
+            "ref_id": 1,
+            "ann_id": 11,
+            "image_id": 1,
+            "split": "val",
+            "sentences": [{"sent": "the red box", "sent_id": 1}],
+        },
+        {
+            "ref_id": 2,
+            "ann_id": 12,
+            "image_id": 1,
+            "split": "val",
+            "sentences": [{"sent": "the green box", "sent_id": 2}],
+        },
+        {
+            "ref_id": 3,
+            "ann_id": 12,
+            "image_id": 1,
+            "split": "train",
+            "sentences": [{"sent": "ignored", "sent_id": 3}],
+        },
+    ]
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    (tmp_path / "refs(test).json").write_text(json.dumps(refs))
+    return tmp_path
+
+
+def test_rec_box_head_maps_boxes_back_to_original_pixels(model, processor, refer_files, monkeypatch):
+    data = load_refs(refer_files / "refs(test).json", refer_files / "instances.json", refer_files / "images")
+    assert list(data) == ["val"]  # train refs are not evaluated by default
+    (image,) = data["val"]
+    assert [e.sentence for e in image.expressions] == ["the red box", "the green box"]
+    frame = processor.image_processor.frame_transform(40, 20)
+    truth = frame.to_model(torch.tensor([e.box for e in image.expressions]))
+    assert not torch.allclose(truth, torch.tensor([e.box for e in image.expressions]) / 40)  # padding moved y
+
+    monkeypatch.setattr(model, "ground", lambda **kwargs: truth.clone())
+    result = rec_by_box_head(model, processor, data["val"])
+    assert result["acc@0.5"] == pytest.approx(100.0) and result["miou"] == pytest.approx(100.0, abs=1e-3)
+    assert result["center_acc"] == 100.0 and result["num_expressions"] == 2
+
+    # the two predictions swapped: both wrong
+    monkeypatch.setattr(model, "ground", lambda **kwargs: truth.flip(0))
+    assert rec_by_box_head(model, processor, data["val"])["acc@0.1"] == 0.0
+
+
+def test_rec_ranking_picks_the_candidate_matching_the_expression(model, processor, refer_files, monkeypatch):
+    data = load_refs(refer_files / "refs(test).json", refer_files / "instances.json", refer_files / "images")
+    (image,) = data["val"]
+    assert image.candidates.shape == (2, 4)
+    texts = encode_texts(model, processor, ["the red box", "the green box"])
+    _patch_regions(monkeypatch, model, [texts])  # candidate j looks like expression j
+    result = rec_by_ranking(model, processor, data["val"], "cloc")
+    assert result["acc@0.5"] == pytest.approx(100.0) and result["chance_acc@0.5"] == pytest.approx(50.0)
+    _patch_regions(monkeypatch, model, [texts.flip(0)])
+    assert rec_by_ranking(model, processor, data["val"], "cloc")["acc@0.5"] == 0.0
+
+
+# --- the runner and the CLI -------------------------------------------------------------------------------
+def test_evaluate_runs_every_task_and_method(model, processor, synthetic):
+    results = evaluate(model, processor, synthetic, max_images=6, model_name="tiny")
+    assert results["meta"]["skipped"] == {}
+    assert [row["name"] for row in results["rows"]] == list(METHODS)
+    for row in results["rows"]:
+        assert set(ROW_KEYS) <= set(row) and {"region_shape_acc", "region_colour_acc"} <= set(row)
+        assert row["model"] == "tiny"
+        for key, value in row.items():
+            if key not in ("name", "model"):
+                assert _in_range(value), (row["name"], key, value)
+        for key in ("region_macc", "region_r2t_r10", "region_t2r_r10", "image_i2t_r1", "rec_acc50"):
+            assert row[key] is not None, key
+        assert (row["rec_head_acc50"] is not None) == (row["name"] == "cloc")
+    assert results["region"]["cloc"]["num_images"] == 6
+    assert set(results["rec"]["box_head"]) == {"val", "test"}
+    assert results["zeroshot"]["num_images"] >= 1
+    json.dumps(results, allow_nan=False)  # strict JSON
+
+
+def test_evaluate_skips_tasks_without_data_and_checks_names(model, processor, tmp_path):
+    results = evaluate(model, processor, tmp_path, tasks=["region", "rec"], methods=["clip-roi"])
+    assert set(results["meta"]["skipped"]) == {"region", "rec"}
+    assert results["rows"][0]["region_macc"] is None
+    with pytest.raises(ValueError, match="unknown region method"):
+        evaluate(model, processor, tmp_path, methods=["clip"])
+    with pytest.raises(ValueError, match="unknown tasks"):
+        evaluate(model, processor, tmp_path, tasks=["detection"])
+
+
+def test_cli_writes_json_and_markdown(model, synthetic, tmp_path):
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)  # no processor files: the CLI falls back to the offline one
+    out, md = tmp_path / "out" / "results.json", tmp_path / "out" / "results.md"
+    argv = ["--model", str(model_dir), "--data", str(synthetic), "--out", str(out), "--markdown", str(md)]
+    argv += ["--tasks", "region,image_retrieval,rec", "--methods", "cloc,clip-crop", "--max-images", "4"]
+    with pytest.warns(UserWarning, match="no processor files"):
+        assert main(argv) == 0
+    results = json.loads(out.read_text())
+    assert [row["name"] for row in results["rows"]] == ["cloc", "clip-crop"]
+    assert results["rows"][0]["model"] == "model"
+    assert results["rows"][1]["region_r2t_r10"] is None  # task not asked for
+    text = md.read_text()
+    assert "| method | model | region mAcc |" in text and "| clip-crop | model |" in text
+    assert "### Referring expressions by split" in text
+    assert "text→region" not in text  # columns empty in every row are left out
+
+
+def test_markdown_from_rows_prints_missing_values_as_dashes():
+    rows = [
+        {"name": "cloc", "region_macc": 92.94, "rec_head_acc50": None, "region_shape_acc": math.nan},
+        {"name": "clip-crop", "region_macc": None, "rec_head_acc50": None, "region_shape_acc": 20.0},
+    ]
+    text = render_markdown(rows)
+    assert "| method | region mAcc | shape acc |" in text
+    assert "| cloc | 92.9 | - |" in text
+    assert "| clip-crop | - | 20.0 |" in text
