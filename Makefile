@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo lint clean
+.PHONY: venv test test-fast demo demo-long ablations lint clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,17 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow"
 
+# The paper in miniature: synthetic scenes, CLOC vs CLIP pretraining, evaluation, runs/demo/report.md
 demo: $(STAMP)
-	$(PY) -m cloc_hf.demo
+	$(PY) -m training.demo --preset demo --out runs/demo
+
+# The same comparison after the CLIP baseline has learned shape (up to an hour)
+demo-long: $(STAMP)
+	$(PY) -m training.demo --preset long --out runs/demo-long
+
+# The paper's Table 2 in miniature
+ablations: $(STAMP)
+	$(PY) -m training.demo --preset ablations --out runs/ablations
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,35 @@
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end(tmp_path):
+    """The whole main job at toy size: data, CLOC + CLIP (+ equal-time CLIP) training, evaluation, report."""
+    from transformers import AutoModel
+
+    import cloc_hf  # noqa: F401
+    from training.demo import run_demo
+
+    report = run_demo("smoke", tmp_path, seed=1)
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["clip-crop", "clip-maskbg", "clip-roi", "cloc"]
+    required = ("region_macc", "region_r2t_r10", "region_t2r_r10", "image_i2t_r1", "image_t2i_r1", "rec_acc50",
+                "region_shape_acc", "region_colour_acc")
+    for row in report["rows"]:
+        for key in required:
+            assert key in row
+            assert row[key] is None or 0.0 <= row[key] <= 100.0
+    cloc_row = report["rows"][-1]
+    assert cloc_row["rec_head_acc50"] is not None
+    assert [r["name"] for r in report["rows_equal_time"]] == names
+    assert report["runs"]["clip-time"]["steps"] >= report["runs"]["clip"]["steps"]
+    assert "region_macc_gap_equal_steps" in report["goals"]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    for picture in ("learning_curves.png", "examples.png"):
+        assert (tmp_path / picture).stat().st_size > 1000
+    assert "Equal steps" in (tmp_path / "report.md").read_text()
+    assert type(AutoModel.from_pretrained(tmp_path / "cloc")).__name__ == "CLOCModel"
+    curve = report["runs"]["cloc"]["curve"]
+    assert [p["step"] for p in curve] == [0, 2, 4] and "cloc" in curve[-1]
