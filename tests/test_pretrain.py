@@ -155,3 +155,24 @@ def test_torchrun_two_processes_with_deepspeed_zero2(synthetic_data, tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert (out / "checkpoints" / "checkpoint-2").exists() is False  # the last step saves the final model
     assert (out / "model.safetensors").exists()
+
+
+def test_continued_pretraining_from_a_converted_checkpoint(synthetic_data, tmp_path):
+    """init_from loads a CLOC checkpoint (e.g. `cloc-convert` output) and its processor, then trains on."""
+    import cloc_hf
+    from training.pretrain import Trainer
+
+    torch.manual_seed(11)
+    source = cloc_hf.create_model("cloc-tiny", projection_dim=24)
+    source.save_pretrained(tmp_path / "src")
+    cloc_hf.CLOCProcessor.offline(size=32).save_pretrained(tmp_path / "src")
+    config = PretrainConfig(init_from=str(tmp_path / "src"), train_data=str(synthetic_data / "train"), steps=2,
+                            batch_size=8, output_dir=str(tmp_path / "out"), progress=False, text_filter=False)
+    trainer = Trainer(config)
+    start = trainer.unwrapped.state_dict()
+    for name, value in source.state_dict().items():
+        torch.testing.assert_close(start[name], value, msg=name)
+    assert trainer.unwrapped.config.projection_dim == 24 and trainer.unwrapped.config.text_filter_threshold is None
+    trainer.train()
+    trained = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert not torch.equal(trained["visual_projection.weight"], source.visual_projection.weight)
