@@ -51,8 +51,9 @@ def test_config_load_overrides_and_errors(tmp_path):
 
 
 def test_collator_samples_at_most_m_regions_deterministically():
-    from cloc_hf import CLOCProcessor
     from PIL import Image
+
+    from cloc_hf import CLOCProcessor
 
     regions = [Region((i, i, i + 10, i + 12), f"thing {i}") for i in range(7)]
     sample = RegionSample("k", "a caption", 64, 48, regions, image=Image.new("RGB", (64, 48)))
@@ -176,3 +177,29 @@ def test_continued_pretraining_from_a_converted_checkpoint(synthetic_data, tmp_p
     trainer.train()
     trained = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert not torch.equal(trained["visual_projection.weight"], source.visual_projection.weight)
+
+
+def test_streaming_dataset_shards_across_ranks_and_resumes(synthetic_data):
+    from cloc_hf import CLOCProcessor
+    from training.data.loader import StreamingRegionTextDataset
+
+    path = synthetic_data / "train"
+    single = StreamingRegionTextDataset(path, shuffle_buffer=16, seed=3)
+    items = list(single)
+    assert len(items) == 96 and len({s.key for _, s in items}) == 96
+    assert [s.key for _, s in items] == [s.key for _, s in StreamingRegionTextDataset(path, shuffle_buffer=16, seed=3)]
+    resumed = StreamingRegionTextDataset(path, shuffle_buffer=16, seed=3)
+    resumed.set_epoch(0, skip=40)
+    assert [s.key for _, s in resumed] == [s.key for _, s in items[40:]]
+    batch = RegionTextCollator(CLOCProcessor.offline(size=32))(items[:4])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["region_mask"].any()
+    with pytest.raises(ValueError, match="cannot be split over 2 ranks"):
+        StreamingRegionTextDataset(path, rank=1, world_size=2)
+
+
+def test_streaming_pretraining_runs(synthetic_data, tmp_path):
+    out = tmp_path / "stream"
+    proc = _run(_args(synthetic_data, out, 2, streaming=True), out)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]

@@ -36,7 +36,9 @@ class PretrainConfig:
         max_regions (int, 4): M, regions sampled per image per step.
     Data
         train_data (str): folder/glob of region-text shards (``training.data`` format).
-        max_train_samples (int | None): use only the first N samples.
+        max_train_samples (int | None): use only the first N samples (in-memory mode).
+        streaming (bool, False): stream shards through ``datasets`` instead of loading them into memory
+            (for corpora larger than RAM; shards are split across ranks, a seeded buffer shuffles).
         resize_mode (str, "pad"): the processor's ``"pad"`` or ``"center_crop"``.
         num_workers (int, 0): DataLoader workers (0 on small CPUs: workers compete with the math).
     Optimisation
@@ -70,6 +72,7 @@ class PretrainConfig:
     max_regions: int = 4
     train_data: str = ""
     max_train_samples: int | None = None
+    streaming: bool = False
     resize_mode: str = "pad"
     num_workers: int = 0
     batch_size: int = 128

@@ -43,7 +43,7 @@ import cloc_hf
 from cloc_hf import CLOCModel, CLOCProcessor
 
 from .config import PretrainConfig
-from .data.loader import EpochBatchSampler, RegionTextCollator, RegionTextDataset
+from .data.loader import EpochBatchSampler, RegionTextCollator, RegionTextDataset, StreamingRegionTextDataset
 from .distributed import make_communicator
 
 logger = logging.getLogger("cloc.pretrain")
@@ -241,11 +241,18 @@ class Trainer:
         self.processor = build_processor(config, self.model)
         if not config.train_data:
             raise ValueError("train_data is empty: point it at a folder of region-text shards")
-        self.dataset = RegionTextDataset.from_shards(config.train_data, max_samples=config.max_train_samples)
         self.collator = RegionTextCollator(self.processor, max_regions=config.regions_per_image, seed=config.seed)
-        self.sampler = EpochBatchSampler(
-            len(self.dataset), config.batch_size, seed=config.seed, rank=acc.process_index, world_size=acc.num_processes
-        )
+        if config.streaming:
+            self.dataset = StreamingRegionTextDataset(
+                config.train_data, rank=acc.process_index, world_size=acc.num_processes, seed=config.seed
+            )
+            self.sampler = None
+        else:
+            self.dataset = RegionTextDataset.from_shards(config.train_data, max_samples=config.max_train_samples)
+            self.sampler = EpochBatchSampler(
+                len(self.dataset), config.batch_size, seed=config.seed, rank=acc.process_index,
+                world_size=acc.num_processes,
+            )
         optimizer = torch.optim.AdamW(
             parameter_groups(self.model, config.weight_decay),
             lr=config.lr,
@@ -334,12 +341,19 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------------------
     def _batches(self):
         while True:
-            self.sampler.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)
             self.collator.set_epoch(self.epoch)
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
-                num_workers=self.config.num_workers,
-            )
+            if self.sampler is None:  # streaming: skip what this epoch already consumed
+                self.dataset.set_epoch(self.epoch, skip=self.batch_in_epoch * self.config.batch_size)
+                loader = torch.utils.data.DataLoader(
+                    self.dataset, batch_size=self.config.batch_size, collate_fn=self.collator,
+                    num_workers=self.config.num_workers, drop_last=True,
+                )
+            else:
+                self.sampler.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)
+                loader = torch.utils.data.DataLoader(
+                    self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
+                    num_workers=self.config.num_workers,
+                )
             for batch in loader:
                 self.batch_in_epoch += 1
                 yield batch

@@ -176,3 +176,45 @@ class EpochBatchSampler:
         for step in range(self.skip_batches, len(self)):
             chunk = order[step * global_batch : (step + 1) * global_batch]
             yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+
+
+class StreamingRegionTextDataset(torch.utils.data.IterableDataset):
+    """Streams shards that do not fit in memory, through Hugging Face ``datasets`` (webdataset builder).
+
+    Shards are split across ranks (shard ``i`` goes to rank ``i % world_size``) and, inside a rank,
+    across DataLoader workers; a seeded shuffle buffer mixes samples. Malformed rows are skipped and
+    counted. Yields ``(position, sample)`` where ``position`` is the sample's index in this rank's
+    stream, so region sampling stays deterministic; ``set_epoch(epoch, skip=n)`` resumes after ``n``
+    samples of an epoch.
+    """
+
+    def __init__(self, path, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000, seed: int = 0):
+        from .shards import load_hf_dataset
+
+        shards = list_shards(path)
+        if len(shards) < world_size:
+            raise ValueError(f"{len(shards)} shards cannot be split over {world_size} ranks; write smaller shards")
+        self.shards = shards[rank::world_size]
+        self._load = load_hf_dataset
+        self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
+        self.epoch, self.skip = 0, 0
+        self.skipped = SkipCounter()
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        from .shards import hf_record_to_sample
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        stream = self._load(self.shards, streaming=True)
+        if self.shuffle_buffer > 1:
+            stream = stream.shuffle(seed=self.seed * 1009 + self.epoch * 31 + self.rank, buffer_size=self.shuffle_buffer)
+        for position, record in enumerate(stream):
+            if position < self.skip or position % workers != worker:
+                continue
+            try:
+                yield position, hf_record_to_sample(record)
+            except MalformedSample as err:
+                self.skipped.skip("malformed", str(record.get("__key__", "?")), str(err))
