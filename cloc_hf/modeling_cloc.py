@@ -415,6 +415,30 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
                 init.normal_(module.frequencies, std=module.temperature**0.5)
 
 
+class CLOCConvStemPatchEmbedding(nn.Module):
+    """3x3 conv + GELU, then CLIP's patchify conv (``config.conv_stem_channels > 0`` only).
+
+    Exposes ``weight`` (the patchify conv's) because CLIP's embeddings read its dtype from there. Both
+    convs get CLIP's init, normal(0, ``initializer_range``), through ``CLIPPreTrainedModel._init_weights``.
+    """
+
+    def __init__(self, config: CLOCVisionConfig):
+        super().__init__()
+        self.stem = nn.Conv2d(config.num_channels, config.conv_stem_channels, kernel_size=3, padding=1)
+        self.activation = nn.GELU()
+        self.patchify = nn.Conv2d(
+            config.conv_stem_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size,
+            bias=False,
+        )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.patchify.weight
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.patchify(self.activation(self.stem(pixel_values)))
+
+
 class CLOCVisionModel(CLIPVisionModel):
     """The CLOC ViT alone: a ``CLIPVisionModel`` registered under its own config type.
 
@@ -428,6 +452,12 @@ class CLOCVisionModel(CLIPVisionModel):
     config: CLOCVisionConfig
     config_class = CLOCVisionConfig
     base_model_prefix = "vision_model"
+
+    def __init__(self, config: CLOCVisionConfig):
+        super().__init__(config)
+        if getattr(config, "conv_stem_channels", 0):
+            self.embeddings.patch_embedding = CLOCConvStemPatchEmbedding(config)
+            self.post_init()
 
     @property
     def patch_size(self) -> int:

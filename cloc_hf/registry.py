@@ -46,7 +46,7 @@ _MODELS: dict[str, dict[str, Any]] = {
     ),
     # CPU demo: the regime of CALIBRATION.md round 2 (96-d x 3 layers, 32 px, patch 4)
     "cloc-tiny-demo": dict(
-        vision_config=_vit(96, 3, 4, 4, 32),
+        vision_config={**_vit(96, 3, 4, 4, 32), "conv_stem_channels": 32},
         text_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
         projection_dim=128,
     ),

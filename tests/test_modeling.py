@@ -389,3 +389,16 @@ def test_grounding_losses():
     # L1 = 0.05, GIoU = IoU = 0.4 * 0.4 / (0.4 * 0.6) = 2/3
     torch.testing.assert_close(grounding_loss(pred, target, "l1_giou"), torch.tensor(0.05 + 1 / 3))
     assert grounding_loss(pred[:0], target[:0]).item() == 0.0
+
+
+def test_conv_stem_variant_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = cloc_hf.create_model("cloc-tiny", vision_config=dict(conv_stem_channels=8)).eval()
+    stem = model.vision_model.embeddings.patch_embedding
+    assert stem.stem.out_channels == 8 and stem.weight is stem.patchify.weight
+    model.save_pretrained(tmp_path)
+    again = CLOCModel.from_pretrained(tmp_path).eval()
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again.get_image_features(px).pooler_output, model.get_image_features(px).pooler_output)
+    assert cloc_hf.get_model_config("cloc-vit-b-16").vision_config.conv_stem_channels == 0  # CLIP layout by default
