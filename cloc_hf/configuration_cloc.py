@@ -15,6 +15,7 @@ PROMPTER_POOLING = ("prompt", "all")
 PROMPTER_TYPES = ("transformer", "roi_align")
 POSITION_ENCODINGS = ("sinusoidal", "random_fourier")
 TEXT_ADAPTERS = ("linear", "mlp")
+BOX_ENCODINGS = ("corners", "corners_center")
 GROUNDING_LOSSES = ("l2", "l1_giou")
 
 
@@ -74,6 +75,10 @@ class CLOCPrompterConfig(PreTrainedConfig):
         position_temperature (`float`, defaults to 64.0):
             Longest wavelength, in units of the frame, is `2 * pi`; shortest is
             `2 * pi / position_temperature` (sinusoidal); std of the Gaussian matrix (random Fourier).
+        box_encoding (`str`, defaults to `"corners"`):
+            Prompt tokens of a box. `"corners"`: the paper's two tokens, top-left and bottom-right.
+            `"corners_center"`: a third token at the box centre, whose query looks where the object is
+            (a single corner's query cannot know how far the box extends). Not in the paper.
         image_position_encoding (`bool`, defaults to `True`):
             Add the same position encoding of each patch centre to the image tokens' keys (and queries
             in `"all"` mode), so corner tokens can find the patches they describe without relying on
@@ -102,6 +107,7 @@ class CLOCPrompterConfig(PreTrainedConfig):
     pooling: str = "prompt"
     position_encoding: str = "sinusoidal"
     position_temperature: float = 64.0
+    box_encoding: str = "corners"
     image_position_encoding: bool = True
     text_adapter: str = "linear"
     region_chunk_size: int = 64
@@ -116,6 +122,7 @@ class CLOCPrompterConfig(PreTrainedConfig):
             ("pooling", self.pooling, PROMPTER_POOLING),
             ("position_encoding", self.position_encoding, POSITION_ENCODINGS),
             ("text_adapter", self.text_adapter, TEXT_ADAPTERS),
+            ("box_encoding", self.box_encoding, BOX_ENCODINGS),
         ):
             if value not in allowed:
                 raise ValueError(f"CLOCPrompterConfig.{name}={value!r}; expected one of {allowed}")

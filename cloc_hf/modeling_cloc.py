@@ -131,7 +131,8 @@ class CLOCPromptEncoder(nn.Module):
     """Turns box, point and text prompts into prompt tokens of width ``hidden``.
 
     * box ``(R, 4)`` -> ``(R, 2, hidden)``: each corner's position code + a learned corner-type embedding
-      (top-left, bottom-right), as in SAM's prompt encoder;
+      (top-left, bottom-right), as in SAM's prompt encoder (``(R, 3, hidden)`` with the box centre when
+      ``box_encoding="corners_center"``);
     * point ``(R, 2)`` -> ``(R, 1, hidden)``: position code + a learned point-type embedding;
     * text ``(R, projection_dim)`` (projected CLIP text embedding) -> ``(R, 1, hidden)`` via the adapter.
     """
@@ -140,7 +141,9 @@ class CLOCPromptEncoder(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         self.position_encoding = CLOCPositionEncoding(config)
-        self.corner_embeddings = nn.Embedding(2, hidden)
+        self.box_encoding = config.box_encoding
+        # top-left, bottom-right (+ centre with box_encoding="corners_center")
+        self.corner_embeddings = nn.Embedding(3 if config.box_encoding == "corners_center" else 2, hidden)
         self.point_embedding = nn.Embedding(1, hidden)
         self.text_type_embedding = nn.Embedding(1, hidden)
         if config.text_adapter == "linear":
@@ -150,6 +153,8 @@ class CLOCPromptEncoder(nn.Module):
 
     def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = boxes.reshape(-1, 2, 2)  # (R, [tl, br], [x, y])
+        if self.box_encoding == "corners_center":
+            corners = torch.cat([corners, corners.mean(dim=1, keepdim=True)], dim=1)
         return self.position_encoding(corners).to(self.corner_embeddings.weight.dtype) + self.corner_embeddings.weight
 
     def embed_points(self, points: torch.Tensor) -> torch.Tensor:

@@ -227,7 +227,8 @@ def test_region_tensors_must_agree(tiny_model):
 
 
 @pytest.mark.parametrize("variant", [dict(prompter_config=dict(prompter_type="roi_align")), dict(
-    prompter_config=dict(pooling="all", position_encoding="random_fourier"))])
+    prompter_config=dict(pooling="all", position_encoding="random_fourier")), dict(
+    prompter_config=dict(box_encoding="corners_center", num_hidden_layers=2))])
 def test_variants_train(variant):
     torch.manual_seed(0)
     model = cloc_hf.create_model("cloc-tiny", **variant)
