@@ -396,28 +396,30 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
             init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-        elif isinstance(module, (CLOCPrompter, CLOCBoxHead, CLOCPromptEncoder, CLOCPrompterLayer)):
-            std = self.config.prompter_config.initializer_range
-            for child in module.children():
-                if isinstance(child, nn.Linear):
-                    init.normal_(child.weight, std=std)
-                    if child.bias is not None:
-                        init.zeros_(child.bias)
-                elif isinstance(child, nn.Embedding):
-                    init.normal_(child.weight, std=std)
-                elif isinstance(child, nn.LayerNorm):
-                    init.ones_(child.weight)
-                    init.zeros_(child.bias)
-                elif isinstance(child, nn.Sequential):
-                    for sub in child:
-                        if isinstance(sub, nn.Linear):
-                            init.normal_(sub.weight, std=std)
-                            init.zeros_(sub.bias)
-        elif isinstance(module, CLOCPositionEncoding):
+            # transformers visits only modules that own parameters, children before parents, so the
+            # Prompter's containers are never visited: its leaves are (re)initialised from here, last.
+            for part in (module.prompter, module.box_head):
+                if part is not None:
+                    self._init_region_module(part)
+        elif isinstance(module, CLOCPositionEncoding):  # owns buffers, so it is visited (also when loading)
             if module.kind == "sinusoidal":
                 init.copy_(module.frequencies, module.sinusoidal_frequencies())
             else:
                 init.normal_(module.frequencies, std=module.temperature**0.5)
+
+    def _init_region_module(self, root: nn.Module) -> None:
+        """Prompter / box head init: normal(0, ``prompter_config.initializer_range``), zero biases, unit norms."""
+        std = self.config.prompter_config.initializer_range
+        for sub in root.modules():
+            if isinstance(sub, nn.Linear):
+                init.normal_(sub.weight, std=std)
+                if sub.bias is not None:
+                    init.zeros_(sub.bias)
+            elif isinstance(sub, nn.Embedding):
+                init.normal_(sub.weight, std=std)
+            elif isinstance(sub, nn.LayerNorm):
+                init.ones_(sub.weight)
+                init.zeros_(sub.bias)
 
 
 class CLOCConvStemPatchEmbedding(nn.Module):

@@ -403,3 +403,13 @@ def test_conv_stem_variant_round_trips(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again.get_image_features(px).pooler_output, model.get_image_features(px).pooler_output)
     assert cloc_hf.get_model_config("cloc-vit-b-16").vision_config.conv_stem_channels == 0  # CLIP layout by default
+
+
+def test_prompter_and_box_head_use_their_initializer_range():
+    """Regression: transformers never visits parameter-less containers, so the Prompter's layers once kept
+    the base init (std 1.0), which saturated its attention and stalled region learning."""
+    model = cloc_hf.create_model("cloc-tiny-demo", prompter_config=dict(initializer_range=0.05))
+    for name, param in model.named_parameters():
+        if name.startswith(("prompter.", "box_head.")) and param.ndim == 2:
+            assert 0.035 < float(param.std()) < 0.065, (name, float(param.std()))
+    assert float(model.prompter.layers[0].layer_norm1.weight.min()) == 1.0
