@@ -113,7 +113,7 @@ def test_results_card_body():
     assert "not** meant for real" in text
     assert "Trained for 700 steps at batch 128" in text
     assert "AutoModel.from_pretrained" in text and "trust_remote_code=True" in text
-    assert "| image encoder (ViT) | 32 px, patch 4, width 96, 3 layers, 4 heads |" in text
+    assert "| image encoder (ViT) | 32 px, patch 4, width 96, 3 layers, 4 heads, conv stem 32 channels |" in text
     assert "- split: `test`" in text and "seconds: `12.3`" in text
 
 
