@@ -31,5 +31,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert (tmp_path / picture).stat().st_size > 1000
     assert "Equal steps" in (tmp_path / "report.md").read_text()
     assert type(AutoModel.from_pretrained(tmp_path / "cloc")).__name__ == "CLOCModel"
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "cloc" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.eval_results
     curve = report["runs"]["cloc"]["curve"]
     assert [p["step"] for p in curve] == [0, 2, 4] and "cloc" in curve[-1]

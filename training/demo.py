@@ -350,6 +350,12 @@ def run_demo(preset_name: str = "demo", out: str | Path = "runs/demo", seed: int
     report["total_seconds"] = time.perf_counter() - started
     (out / "report.json").write_text(json.dumps(jsonable(report), indent=1))
     write_report(out, preset_name, preset, report)
+    from model_cards.generate import (
+        main as write_card,  # the demo checkpoint's card, from its measured numbers
+    )
+
+    write_card(["--results", str(out / "report.json"), "--out", str(runs["cloc"].output_dir / "README.md"),
+                "--results-model", "cloc"])
     for run in runs.values():  # keep the final models, drop resumable checkpoints
         shutil.rmtree(run.output_dir / "checkpoints", ignore_errors=True)
     return report
