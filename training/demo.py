@@ -47,7 +47,7 @@ class Preset:
     n_train: int = 20000
     n_val: int = 300
     n_test: int = 1000
-    steps: int = 400
+    steps: int = 600
     batch_size: int = 128
     lr: float = 1.5e-3
     eval_every: int = 100
