@@ -62,10 +62,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPModel, PreTrainedConfig
+from transformers import CLIPModel, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCTextConfig, CLOCVisionConfig
+from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCTextConfig
 from .modeling_cloc import CLOCModel
 
 logger = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ def _prompter_dict(prompter_config: CLOCPrompterConfig | Mapping | None) -> dict
 def cloc_config_from_clip_config(clip_config, prompter_config=None) -> CLOCConfig:
     """A :class:`CLOCConfig` whose towers equal a ``CLIPConfig``'s field for field (plus a Prompter)."""
     return CLOCConfig(
-        text_config={name: getattr(clip_config.text_config, name) for name in _tower_fields(CLOCTextConfig)},
-        vision_config={name: getattr(clip_config.vision_config, name) for name in _tower_fields(CLOCVisionConfig)},
+        # CLIP's own fields copy 1:1; CLOC-only fields (e.g. conv_stem_channels) keep their CLIP-layout defaults
+        text_config={name: getattr(clip_config.text_config, name) for name in _tower_fields(CLIPTextConfig)},
+        vision_config={name: getattr(clip_config.vision_config, name) for name in _tower_fields(CLIPVisionConfig)},
         prompter_config=_prompter_dict(prompter_config),
         projection_dim=clip_config.projection_dim,
         logit_scale_init_value=clip_config.logit_scale_init_value,

@@ -88,7 +88,7 @@ def test_hf_clip_converts_with_exact_parity(clip_dir, clip_model):
     # the towers' configs are CLIP's, field for field; the Prompter is new and has the ViT's width
     for tower in ("text_config", "vision_config"):
         ours, theirs = getattr(cloc.config, tower), getattr(clip_model.config, tower)
-        for name in convert._tower_fields(type(ours)):
+        for name in convert._tower_fields(type(theirs)):  # every CLIP field; CLOC-only extras keep defaults
             if name == "projection_dim":  # CLIPConfig leaves the towers' copy at its default; CLOC syncs it
                 continue
             assert getattr(ours, name) == getattr(theirs, name), (tower, name)
