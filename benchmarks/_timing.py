@@ -204,3 +204,14 @@ __all__ = [
     "time_fn",
     "time_interleaved",
 ]
+
+
+def write_json(path, results: dict) -> str:
+    """Write a benchmark's results as indented JSON (creating the folder); returns the path written."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return str(path)

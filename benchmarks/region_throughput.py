@@ -49,7 +49,6 @@ bf16 casts the weights (``model.to(torch.bfloat16)``, no autocast); on this proj
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -70,6 +69,7 @@ from _timing import (  # noqa: E402
     format_table,
     time_fn,
     time_interleaved,
+    write_json,
 )
 
 import cloc_hf  # noqa: E402
@@ -431,10 +431,7 @@ def main(argv=None) -> int:
     results = run(args)
     print(render(results))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        log(f"wrote {path}")
+        log(f"wrote {write_json(args.json, results)}")
     return 0
 
 

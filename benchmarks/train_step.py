@@ -84,6 +84,7 @@ from _timing import (  # noqa: E402
     format_table,
     synchronize,
     time_interleaved,
+    write_json,
 )
 
 import cloc_hf  # noqa: E402
@@ -469,10 +470,7 @@ def main(argv=None) -> int:
     results = run(args)
     print(render(results))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        log(f"wrote {path}")
+        log(f"wrote {write_json(args.json, results)}")
     return 0
 
 
