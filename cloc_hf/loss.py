@@ -23,27 +23,20 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str) 
 
 
 def clip_contrastive_loss(
-    logits_per_text: torch.Tensor | None = None,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
     *,
-    image_embeds: torch.Tensor | None = None,
-    text_embeds: torch.Tensor | None = None,
-    logit_scale: torch.Tensor | None = None,
     all_image_embeds: torch.Tensor | None = None,
     all_text_embeds: torch.Tensor | None = None,
     offset: int = 0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Symmetric image-text InfoNCE: 0.5 * (CE(text->image) + CE(image->text)).
+    """Symmetric image-text InfoNCE: 0.5 * (CE(image->text) + CE(text->image)).
 
-    Either pass the single-process ``logits_per_text (T, B)`` with matched pairs on the diagonal, or
-    normalised local embeddings, ``logit_scale`` (already exponentiated) and optionally the gathered
-    global ones with this rank's ``offset``.
+    ``image_embeds``/``text_embeds`` are this rank's normalised matched pairs, ``logit_scale`` is
+    already exponentiated; the ``all_*`` tensors are the gathered global ones (default: the local ones).
     """
-    if logits_per_text is not None:
-        targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-        return 0.5 * (
-            _cross_entropy(logits_per_text, targets, reduction) + _cross_entropy(logits_per_text.t(), targets, reduction)
-        )
     all_image_embeds = image_embeds if all_image_embeds is None else all_image_embeds
     all_text_embeds = text_embeds if all_text_embeds is None else all_text_embeds
     targets = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset

@@ -413,3 +413,10 @@ def test_prompter_and_box_head_use_their_initializer_range():
         if name.startswith(("prompter.", "box_head.")) and param.ndim == 2:
             assert 0.035 < float(param.std()) < 0.065, (name, float(param.std()))
     assert float(model.prompter.layers[0].layer_norm1.weight.min()) == 1.0
+
+
+def test_clip_loss_matches_transformers(tiny_model):
+    from transformers.models.clip.modeling_clip import image_text_contrastive_loss
+
+    out = tiny_model(pixel_values=torch.randn(4, 3, 32, 32), input_ids=make_token_ids(4), return_loss=True)
+    torch.testing.assert_close(out.loss_clip, image_text_contrastive_loss(out.logits_per_text))
