@@ -135,6 +135,10 @@ class CLOCPromptEncoder(nn.Module):
       ``box_encoding="corners_center"``);
     * point ``(R, 2)`` -> ``(R, 1, hidden)``: position code + a learned point-type embedding;
     * text ``(R, projection_dim)`` (projected CLIP text embedding) -> ``(R, 1, hidden)`` via the adapter.
+
+    Each method returns ``(content, position)``. With ``prompt_position="token"`` (the paper) the
+    position code is part of the content and ``position`` is zero; with ``"attention"`` the content is
+    the type embedding alone and ``position`` holds the code, added to query/key inputs only.
     """
 
     def __init__(self, config: CLOCPrompterConfig, projection_dim: int):
@@ -142,6 +146,7 @@ class CLOCPromptEncoder(nn.Module):
         hidden = config.hidden_size
         self.position_encoding = CLOCPositionEncoding(config)
         self.box_encoding = config.box_encoding
+        self.prompt_position = config.prompt_position
         # top-left, bottom-right (+ centre with box_encoding="corners_center")
         self.corner_embeddings = nn.Embedding(3 if config.box_encoding == "corners_center" else 2, hidden)
         self.point_embedding = nn.Embedding(1, hidden)
@@ -151,18 +156,28 @@ class CLOCPromptEncoder(nn.Module):
         else:
             self.text_adapter = nn.Sequential(nn.Linear(projection_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
-    def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+    def _place(self, codes: torch.Tensor, types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(content, position)`` of prompt tokens from their position codes and type embeddings."""
+        codes = codes.to(types.dtype)
+        if self.prompt_position == "attention":
+            return types.expand_as(codes), codes
+        return codes + types, torch.zeros_like(codes)
+
+    def embed_boxes(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, 4)`` boxes -> ``(content, position)``, each ``(R, 2 or 3, hidden)``."""
         corners = boxes.reshape(-1, 2, 2)  # (R, [tl, br], [x, y])
         if self.box_encoding == "corners_center":
             corners = torch.cat([corners, corners.mean(dim=1, keepdim=True)], dim=1)
-        return self.position_encoding(corners).to(self.corner_embeddings.weight.dtype) + self.corner_embeddings.weight
+        return self._place(self.position_encoding(corners), self.corner_embeddings.weight)
 
-    def embed_points(self, points: torch.Tensor) -> torch.Tensor:
-        codes = self.position_encoding(points[:, None, :]).to(self.point_embedding.weight.dtype)
-        return codes + self.point_embedding.weight
+    def embed_points(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, 2)`` points -> ``(content, position)``, each ``(R, 1, hidden)``."""
+        return self._place(self.position_encoding(points[:, None, :]), self.point_embedding.weight)
 
-    def embed_texts(self, text_embeds: torch.Tensor) -> torch.Tensor:
-        return (self.text_adapter(text_embeds) + self.text_type_embedding.weight)[:, None, :]
+    def embed_texts(self, text_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, projection_dim)`` -> ``(content, position)``, each ``(R, 1, hidden)``; no position."""
+        tokens = (self.text_adapter(text_embeds) + self.text_type_embedding.weight)[:, None, :]
+        return tokens, torch.zeros_like(tokens)
 
 
 class CLOCPrompterLayer(GradientCheckpointingLayer):
@@ -251,7 +266,7 @@ class CLOCPrompter(nn.Module):
         return self.projection(self.post_layernorm(pooled))
 
     # -- prompt-token pooling: the cheap mode --------------------------------------------------------
-    def _forward_prompt_pool(self, image_tokens, image_pos, prompts, image_index):
+    def _forward_prompt_pool(self, image_tokens, image_pos, prompts, prompt_pos, image_index):
         """Each region's prompt tokens attend to themselves and to its image's tokens.
 
         Regions are grouped per image and padded, so the image tokens' keys/values are computed once
@@ -268,9 +283,10 @@ class CLOCPrompter(nn.Module):
         slot = torch.empty_like(image_index)
         slot[order] = torch.arange(num_regions, device=image_index.device) - starts[image_index[order]]
 
-        padded = prompts.new_zeros(batch, max_count, per_region, hidden)
-        padded[image_index, slot] = prompts
-        queries = padded.reshape(batch, max_count * per_region, hidden)
+        padded = prompts.new_zeros(2, batch, max_count, per_region, hidden)
+        padded[0, image_index, slot] = prompts
+        padded[1, image_index, slot] = prompt_pos
+        queries, query_pos = padded.reshape(2, batch, max_count * per_region, hidden).unbind(0)
         num_q = queries.shape[1]
         # attention mask: prompt tokens see the prompt tokens of their own region and every image token
         token_slot = torch.arange(max_count, device=prompts.device).repeat_interleave(per_region)
@@ -278,22 +294,20 @@ class CLOCPrompter(nn.Module):
         mask = torch.cat(
             [same_region[None].expand(batch, num_q, num_q), same_region.new_ones(batch, num_q, num_img_tokens)], dim=-1
         )
-        query_pos = queries.new_zeros(1, 1, hidden)
-        key_pos = torch.cat([queries.new_zeros(num_q, hidden), image_pos], dim=0)[None]
+        key_pos = torch.cat([query_pos, image_pos.expand(batch, -1, -1)], dim=1)
         for layer in self.layers:
             queries = layer(queries, query_pos, torch.cat([queries, image_tokens], dim=1), key_pos, mask)
         out = queries.reshape(batch, max_count, per_region, hidden)[image_index, slot]  # (R, P, hidden)
         return out.mean(dim=1)
 
     # -- all-token pooling ---------------------------------------------------------------------------
-    def _forward_all_pool(self, image_tokens, image_pos, prompts, image_index):
+    def _forward_all_pool(self, image_tokens, image_pos, prompts, prompt_pos, image_index):
         """Every region runs the layer(s) over ``[its prompts ; all image tokens]`` and pools all outputs."""
-        per_region = prompts.shape[1]
-        pos = torch.cat([image_pos.new_zeros(per_region, image_pos.shape[-1]), image_pos], dim=0)[None]
         pooled = []
         for start in range(0, prompts.shape[0], self.config.region_chunk_size):
             idx = slice(start, start + self.config.region_chunk_size)
             x = torch.cat([prompts[idx], image_tokens[image_index[idx]]], dim=1)
+            pos = torch.cat([prompt_pos[idx], image_pos.expand(x.shape[0], -1, -1)], dim=1)
             for layer in self.layers:
                 x = layer(x, pos, x, pos, None)
             pooled.append(x.mean(dim=1))
@@ -343,18 +357,18 @@ class CLOCPrompter(nn.Module):
             return self._pool_and_project(self._forward_roi(tokens, boxes.to(tokens.dtype), image_index))
 
         if boxes is not None:
-            prompts = self.prompt_encoder.embed_boxes(boxes)
+            prompts, prompt_pos = self.prompt_encoder.embed_boxes(boxes)
         elif points is not None:
-            prompts = self.prompt_encoder.embed_points(points)
+            prompts, prompt_pos = self.prompt_encoder.embed_points(points)
         else:
-            prompts = self.prompt_encoder.embed_texts(text_embeds)
-        prompts = prompts.to(tokens.dtype)
+            prompts, prompt_pos = self.prompt_encoder.embed_texts(text_embeds)
+        prompts, prompt_pos = prompts.to(tokens.dtype), prompt_pos.to(tokens.dtype)
         image_pos = self.image_positions(tokens.shape[1], tokens.device, tokens.dtype)
         assert image_pos.shape == (tokens.shape[1], hidden)
         if self.config.pooling == "prompt":
-            pooled = self._forward_prompt_pool(tokens, image_pos, prompts, image_index)
+            pooled = self._forward_prompt_pool(tokens, image_pos, prompts, prompt_pos, image_index)
         else:
-            pooled = self._forward_all_pool(tokens, image_pos, prompts, image_index)
+            pooled = self._forward_all_pool(tokens, image_pos, prompts, prompt_pos, image_index)
         return self._pool_and_project(pooled)
 
 

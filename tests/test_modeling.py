@@ -83,8 +83,11 @@ def test_batched_equals_box_by_box(pooling):
                 torch.testing.assert_close(batched[i][j : j + 1], single, atol=1e-4, rtol=1e-4)
 
 
-def test_prompt_pool_equals_full_layer_reference(tiny_model):
+@pytest.mark.parametrize("prompt_position", ["token", "attention"])
+def test_prompt_pool_equals_full_layer_reference(prompt_position):
     """The cheap 'prompt' mode must equal one full layer over [prompts; image tokens], prompt rows pooled."""
+    torch.manual_seed(0)
+    tiny_model = cloc_hf.create_model("cloc-tiny", prompter_config={"prompt_position": prompt_position}).eval()
     px = torch.randn(2, 3, 32, 32)
     boxes = [_boxes(4, 3), _boxes(5, 2)]
     prompter = tiny_model.prompter
@@ -95,9 +98,9 @@ def test_prompt_pool_equals_full_layer_reference(tiny_model):
         expected = []
         for i, image_boxes in enumerate(boxes):
             for box in image_boxes:
-                prompts = prompter.prompt_encoder.embed_boxes(box[None])  # (1, 2, d)
+                prompts, prompt_pos = prompter.prompt_encoder.embed_boxes(box[None])  # (1, 2, d) each
                 x = torch.cat([prompts, tokens[i : i + 1]], dim=1)
-                pos = torch.cat([torch.zeros(2, pos_img.shape[1]), pos_img])[None]
+                pos = torch.cat([prompt_pos[0], pos_img])[None]
                 layer: CLOCPrompterLayer = prompter.layers[0]
                 out = layer(x, pos, x, pos, None)[:, :2].mean(1)
                 expected.append(prompter.projection(prompter.post_layernorm(out)))
@@ -420,3 +423,20 @@ def test_clip_loss_matches_transformers(tiny_model):
 
     out = tiny_model(pixel_values=torch.randn(4, 3, 32, 32), input_ids=make_token_ids(4), return_loss=True)
     torch.testing.assert_close(out.loss_clip, image_text_contrastive_loss(out.logits_per_text))
+
+
+def test_prompt_position_attention_keeps_geometry_out_of_the_content():
+    """prompt_position="attention": a box's tokens carry only their type embedding as content; the
+    position code goes to the attention inputs (and differs between boxes)."""
+    model = cloc_hf.create_model("cloc-tiny", prompter_config={"prompt_position": "attention"}).eval()
+    encoder = model.prompter.prompt_encoder
+    content, pos = encoder.embed_boxes(torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.9]]))
+    torch.testing.assert_close(content[0], content[1])
+    torch.testing.assert_close(content[0], encoder.corner_embeddings.weight)
+    assert not torch.allclose(pos[0], pos[1])
+    token_content, token_pos = cloc_hf.create_model("cloc-tiny").prompter.prompt_encoder.embed_boxes(
+        torch.tensor([[0.1, 0.1, 0.4, 0.5]])
+    )
+    assert torch.count_nonzero(token_pos) == 0 and torch.count_nonzero(token_content) > 0
+    with pytest.raises(StrictDataclassClassValidationError, match="prompt_position"):
+        cloc_hf.create_model("cloc-tiny", prompter_config={"prompt_position": "keys"})

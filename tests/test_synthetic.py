@@ -66,6 +66,7 @@ def object_mask_in_image(obj: dict, size: int) -> np.ndarray:
         ({"caption_min_mentions": 2, "caption_max_mentions": 1}, "caption_max_mentions"),
         ({"caption_templates": ("a picture",)}, "caption_templates"),
         ({"regions_for": "some"}, "regions_for"),
+        ({"region_phrase": "caption"}, "region_phrase"),
         ({"backgrounds": ("stripes",)}, "backgrounds"),
         ({"wrong_phrase_prob": 1.5}, "wrong_phrase_prob"),
         ({"noise_splits": ("dev",)}, "noise_splits"),
@@ -237,6 +238,22 @@ def test_regions_for_mentioned_and_size_in_phrase():
             obj = objects[region.meta["instance_id"]]
             assert region.phrase == f"a {obj['size']} {obj['colour']} {obj['shape']}"
             assert obj["mention"].split()[1] == obj["size"]
+
+
+def test_region_phrase_mention_uses_the_caption_wording_and_keeps_the_scene():
+    full = list(generate_split(SyntheticSceneConfig(seed=5), "train", 200))
+    mention = list(generate_split(SyntheticSceneConfig(seed=5, region_phrase="mention"), "train", 200))
+    shape_only = 0
+    for a, b in zip(full, mention):
+        assert a.caption == b.caption and a.image.tobytes() == b.image.tobytes()  # same draws, same scene
+        assert [r.box for r in a.regions] == [r.box for r in b.regions]
+        for region_full, region in zip(a.regions, b.regions):
+            obj = b.meta["objects"][region.meta["instance_id"]]
+            assert region_full.phrase == f"a {obj['colour']} {obj['shape']}"
+            assert region.phrase == (obj["mention"] or region_full.phrase)
+            assert obj["mention"] is None or obj["mention"] in b.caption or "two" in b.caption
+            shape_only += region.phrase == f"a {obj['shape']}"
+    assert shape_only > 20  # ~30% of mentions name the shape only
 
 
 # --- pseudo-label noise -------------------------------------------------------------------------------

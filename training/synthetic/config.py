@@ -53,6 +53,7 @@ DEFAULT_CAPTION_TEMPLATES: tuple[str, ...] = (
 )
 
 REGIONS_FOR = ("all", "mentioned")
+REGION_PHRASES = ("full", "mention")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 REFERRING_RELATIONS = ("horizontal", "vertical", "size")
 
@@ -96,6 +97,10 @@ class SyntheticSceneConfig:
     Region labels and pseudo-label noise
         regions_for ("all" | "mentioned", "all"): region labels for every object, or only for the
             objects the caption mentions (the calibration's "regions only for mentioned objects").
+        region_phrase ("full" | "mention", "full"): a region's phrase is always the full description
+            ("a red circle"), or, for objects the caption mentions, the caption's own wording ("a circle"
+            when the mention is shape-only), as VESL's noun phrases would be; unmentioned objects keep
+            the full description.
         box_jitter (float, 0.0): each box coordinate moves by a uniform offset in ``[-j, j]`` times the
             box width (x) or height (y), then is clipped to the image.
         missed_region_prob (float, 0.0): probability that an object's region label is dropped.
@@ -141,6 +146,7 @@ class SyntheticSceneConfig:
     size_in_phrase: bool = False
 
     regions_for: str = "all"
+    region_phrase: str = "full"
     box_jitter: float = 0.0
     missed_region_prob: float = 0.0
     wrong_phrase_prob: float = 0.0
@@ -239,6 +245,8 @@ class SyntheticSceneConfig:
                 raise bad("caption_templates", f"template {template!r} is not formattable: {err!r}") from err
         if self.regions_for not in REGIONS_FOR:
             raise bad("regions_for", f"must be one of {REGIONS_FOR}")
+        if self.region_phrase not in REGION_PHRASES:
+            raise bad("region_phrase", f"must be one of {REGION_PHRASES}")
         if not 0 <= self.box_jitter <= 1:
             raise bad("box_jitter", "must be a fraction of the box size in [0, 1]")
         for split in self.noise_splits:

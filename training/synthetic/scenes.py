@@ -338,6 +338,8 @@ def region_labels(
         draws = rng.random(3)
         box: tuple[float, ...] = tuple(float(v) for v in obj.box)
         phrase = obj.phrase(config.size_in_phrase)
+        if config.region_phrase == "mention" and obj.mention is not None:
+            phrase = obj.mention
         if noisy:
             if draws[0] < config.missed_region_prob:
                 continue
