@@ -434,7 +434,8 @@ def test_prompt_position_attention_keeps_geometry_out_of_the_content():
     torch.testing.assert_close(content[0], content[1])
     torch.testing.assert_close(content[0], encoder.corner_embeddings.weight)
     assert not torch.allclose(pos[0], pos[1])
-    token_content, token_pos = cloc_hf.create_model("cloc-tiny").prompter.prompt_encoder.embed_boxes(
+    token_model = cloc_hf.create_model("cloc-tiny", prompter_config={"prompt_position": "token"})
+    token_content, token_pos = token_model.prompter.prompt_encoder.embed_boxes(
         torch.tensor([[0.1, 0.1, 0.4, 0.5]])
     )
     assert torch.count_nonzero(token_pos) == 0 and torch.count_nonzero(token_content) > 0
