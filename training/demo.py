@@ -294,7 +294,10 @@ def write_report(out: Path, preset_name: str, preset: Preset, report: dict[str, 
         f"`{preset.arch}`, batch {preset.batch_size}, lr {preset.lr}, one seed. CLIP is the same code and data "
         "without region losses; its region numbers come from three baselines on its towers. Region-text "
         f"false-negative filter: caption cosine > {preset.text_filter_threshold} (the paper uses 0.9; see the "
-        "`text_filter_threshold` note in `training/demo.py` for why 0.9 stalls shape learning at this scale).",
+        "`text_filter_threshold` note in `training/demo.py` for why 0.9 stalls shape learning at this scale). "
+        f"Scene knobs beyond the defaults: {json.dumps(preset.scene)} (`region_phrase=mention`: a region's phrase "
+        "is the caption's own wording where the caption names the object, as VESL's phrases would be). "
+        f"{preset.steps} steps per run.",
         "",
         "## Equal steps",
         "",
