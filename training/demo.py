@@ -81,7 +81,7 @@ PRESETS: dict[str, Preset] = {
                    goals={"region_macc_margin": 15.0, "clip_shape_acc": 60.0}),
     "ablations": Preset(equal_time_run=False,
                         ablations=("roi_align", "no_text_filter", "text_filter_0.9", "no_grounding", "m2",
-                                   "noisy_labels")),
+                                   "noisy_labels", "prompt_token")),
     # a seconds-long run of the whole pipeline, for tests
     "smoke": Preset(arch="cloc-tiny", n_train=96, n_val=16, n_test=16, steps=4, batch_size=16, eval_every=2,
                     curve_images=8, test_images=8, equal_time_run=True),
@@ -95,6 +95,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
                         "paper_sign": "the paper's setting (0.9 on caption-embedding cosine)"},
     "no_grounding": {"config": {"grounding_loss": False}, "paper_sign": "lower or equal; no box head for REC"},
     "m2": {"config": {"max_regions": 2}, "paper_sign": "lower (fewer regions per image)"},
+    "prompt_token": {"config": {"model_overrides": {"prompter_config": {"prompt_position": "token"}}},
+                     "paper_sign": "not in the paper: its literal prompt form (position code as the token content)"},
     "noisy_labels": {"config": {}, "noise": {"box_jitter": 0.1, "missed_region_prob": 0.3, "wrong_phrase_prob": 0.15},
                      "paper_sign": "lower than clean labels, but pseudo-labels still help"},
 }
