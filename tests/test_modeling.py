@@ -408,6 +408,20 @@ def test_conv_stem_variant_round_trips(tmp_path):
     assert cloc_hf.get_model_config("cloc-vit-b-16").vision_config.conv_stem_channels == 0  # CLIP layout by default
 
 
+def test_conv_stem_gets_he_init_and_patchify_keeps_clip_init():
+    """The 3x3 stem is He-initialised (std sqrt(2/27) for RGB) in the full model and in the tower alone;
+    the patchify conv keeps CLIP's normal(0, initializer_range). 0.02 on the stem slowed shape learning."""
+    torch.manual_seed(0)
+    he_std = (2.0 / (3 * 9)) ** 0.5
+    full = cloc_hf.create_model("cloc-tiny", vision_config=dict(conv_stem_channels=32))
+    tower = cloc_hf.CLOCVisionModel(full.config.vision_config)
+    for model in (full, tower):
+        emb = (model.vision_model if hasattr(model, "vision_model") else model).embeddings.patch_embedding
+        assert abs(emb.stem.weight.std().item() - he_std) < 0.15 * he_std
+        assert emb.stem.bias.abs().max().item() == 0.0
+        assert abs(emb.patchify.weight.std().item() - 0.02) < 0.002
+
+
 def test_prompter_and_box_head_use_their_initializer_range():
     """Regression: transformers never visits parameter-less containers, so the Prompter's layers once kept
     the base init (std 1.0), which saturated its attention and stalled region learning."""
