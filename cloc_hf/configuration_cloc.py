@@ -34,7 +34,8 @@ class CLOCVisionConfig(CLIPVisionConfig):
     conv_stem_channels: int = 0
     r"""Channels of an optional 3x3 conv + GELU stem before the patchify conv (0 = none, CLIP's layout).
     Only for tiny low-resolution models (the CPU demo): it lets 4x4 patches carry shape edges, which a
-    3-layer ViT otherwise takes thousands of steps to learn (CALIBRATION.md round 2 used one)."""
+    3-layer ViT otherwise takes thousands of steps to learn (CALIBRATION.md round 2 used one). The stem
+    conv is He-initialised; the patchify conv keeps CLIP's init."""
 
 
 @strict
