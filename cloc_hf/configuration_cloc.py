@@ -88,8 +88,8 @@ class CLOCPrompterConfig(PreTrainedConfig):
             not the box geometry. `"token"`: the code (+ the type embedding) *is* the prompt token, the
             literal reading of the paper; the geometry then also flows through the residual stream
             into the pooled region embedding, which the region-text loss must learn to cancel. Measured
-            by `make ablations` (CPU, one seed, 600 steps, 2026-11-27): region mAcc 80.0 with
-            "attention", 65.7 with "token". Text prompts are unaffected.
+            by `make ablations` (CPU, one seed, 600 steps, 2026-11-27): region mAcc 76.2 with
+            "attention", 65.4 with "token". Text prompts are unaffected.
         image_position_encoding (`bool`, defaults to `True`):
             Add the same position encoding of each patch centre to the image tokens' keys (and queries
             in `"all"` mode), so corner tokens can find the patches they describe without relying on
