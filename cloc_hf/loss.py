@@ -151,9 +151,13 @@ def cloc_losses(
     text_filter_threshold: float | None = 0.9,
     grounding_kind: str = "l2",
     grounding_giou_weight: float = 1.0,
+    grounding_loss_weight: float = 1.0,
     comm=None,
 ) -> dict[str, torch.Tensor | None]:
-    """``L = L_CLIP + lambda * frac * (L_CLOC + L_grounding)`` over the *global* batch.
+    """``L = L_CLIP + lambda * frac * (L_CLOC + w_g * L_grounding)`` over the *global* batch.
+
+    ``w_g`` (``grounding_loss_weight``) is 1 in the paper's formula; ``loss_grounding`` in the output
+    is the unweighted term.
 
     All embeddings are this rank's, L2-normalised. Each term is a sum over this rank's rows divided by
     the global row count and multiplied by ``world_size``: averaging the ranks' losses (as DDP averages
@@ -216,7 +220,7 @@ def cloc_losses(
     else:
         loss_grounding = loss_region.new_zeros(())
     out.update(
-        loss=loss_clip + region_weight * (loss_region + loss_grounding),
+        loss=loss_clip + region_weight * (loss_region + grounding_loss_weight * loss_grounding),
         loss_region=loss_region,
         loss_grounding=loss_grounding,
         region_weight=region_weight,

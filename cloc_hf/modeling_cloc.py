@@ -805,6 +805,7 @@ class CLOCModel(CLOCPreTrainedModel):
             text_filter_threshold=config.text_filter_threshold,
             grounding_kind=config.grounding_loss,
             grounding_giou_weight=config.grounding_giou_weight,
+            grounding_loss_weight=config.grounding_loss_weight,
             comm=comm,
         )
 

@@ -194,6 +194,23 @@ def test_forward_losses_and_weighting(tiny_model):
     torch.testing.assert_close(plain.loss, plain.loss_clip)
 
 
+def test_grounding_loss_weight_scales_only_the_grounding_term(tiny_model):
+    batch = _batch(tiny_model)
+    base = tiny_model(**batch, return_loss=True)
+    tiny_model.config.grounding_loss_weight = 7.5
+    try:
+        heavy = tiny_model(**batch, return_loss=True)
+    finally:
+        tiny_model.config.grounding_loss_weight = 1.0
+    torch.testing.assert_close(heavy.loss_grounding, base.loss_grounding)  # reported unweighted
+    assert base.loss_grounding.item() > 0
+    expected = heavy.loss_clip + heavy.region_weight * (heavy.loss_region + 7.5 * heavy.loss_grounding)
+    torch.testing.assert_close(heavy.loss, expected)
+    assert heavy.loss.item() > base.loss.item()
+    with pytest.raises(StrictDataclassClassValidationError, match="grounding_loss_weight=-1"):
+        CLOCConfig(grounding_loss_weight=-1.0)
+
+
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     model = cloc_hf.create_model("cloc-tiny", point_prompt_loss=True, prompter_config=dict(text_adapter="mlp"))
