@@ -432,8 +432,8 @@ def test_conv_stem_gets_he_init_and_patchify_keeps_clip_init():
     he_std = (2.0 / (3 * 9)) ** 0.5
     full = cloc_hf.create_model("cloc-tiny", vision_config=dict(conv_stem_channels=32))
     tower = cloc_hf.CLOCVisionModel(full.config.vision_config)
-    for model in (full, tower):
-        emb = (model.vision_model if hasattr(model, "vision_model") else model).embeddings.patch_embedding
+    for vit in (full.vision_model, tower):
+        emb = vit.embeddings.patch_embedding
         assert abs(emb.stem.weight.std().item() - he_std) < 0.15 * he_std
         assert emb.stem.bias.abs().max().item() == 0.0
         assert abs(emb.patchify.weight.std().item() - 0.02) < 0.002

@@ -76,10 +76,10 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset(goals={"region_macc_margin": 30.0}),
     # The budget at which the CLIP baseline has learned shape. Measured (CPU, He-initialised stem): its
     # best baseline (mask-bg) reached 65% shape accuracy at 1,500 steps (val: 57% at 1,000, 62% at
-    # 1,250); with the stem at CLIP's normal(0, 0.02) it stayed at 45-53%. Much longer is no test of the claim on these scenes: CLIP's
-    # mask-bg keeps climbing to ~95% by 2,500 steps (GPU sweep), since a background-masked isolated
-    # object on a plain background is in-distribution for an image-level model (no clutter, no
-    # occlusion), and no method can then lead by 15 points.
+    # 1,250); with the stem at CLIP's normal(0, 0.02) it stayed at 45-53%. Much longer is no test of
+    # the claim on these scenes: CLIP's mask-bg keeps climbing to ~95% by 2,500 steps (GPU sweep), since
+    # a background-masked isolated object on a plain background is in-distribution for an image-level
+    # model (no clutter, no occlusion), and no method can then lead by 15 points.
     "long": Preset(steps=1500, eval_every=250, equal_time_run=False,
                    goals={"region_macc_margin": 15.0, "clip_shape_acc": 60.0}),
     "ablations": Preset(equal_time_run=False,
