@@ -28,15 +28,15 @@ test-fast: $(STAMP)
 
 # The paper in miniature: synthetic scenes, CLOC vs CLIP pretraining, evaluation, runs/demo/report.md
 demo: $(STAMP)
-	$(PY) -m training.demo --preset demo --out runs/demo
+	$(PY) -m cloc_demo.demo --preset demo --out runs/demo
 
 # The same comparison after the CLIP baseline has learned shape (up to an hour)
 demo-long: $(STAMP)
-	$(PY) -m training.demo --preset long --out runs/demo-long
+	$(PY) -m cloc_demo.demo --preset long --out runs/demo-long
 
 # The paper's Table 2 in miniature
 ablations: $(STAMP)
-	$(PY) -m training.demo --preset ablations --out runs/ablations
+	$(PY) -m cloc_demo.demo --preset ablations --out runs/ablations
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -5,7 +5,7 @@
 #
 # 1. bf16 training step of cloc-vit-b-16 @224, CLOC vs its CLIP baseline at equal batch (256);
 # 2. region throughput of cloc-vit-l-14-336 in bf16 (image pass vs Prompter vs crop-and-encode);
-# 3. with --with-demo-long: `make demo-long`'s experiment (python -m training.demo --preset long) on the
+# 3. with --with-demo-long: `make demo-long`'s experiment (python -m cloc_demo.demo --preset long) on the
 #    GPU, whose numbers match the CPU run's up to float non-determinism, in a fraction of the time.
 #
 # Uses the python3 that holds torch (CUDA build); the project is put on PYTHONPATH, nothing is installed
@@ -33,7 +33,7 @@ timeout 200 python3 benchmarks/region_throughput.py --arch cloc-vit-l-14-336 --d
 if [[ "${1:-}" == "--with-demo-long" ]]; then
     echo "== demo-long on the GPU =="
     rm -rf /tmp/demo-long
-    timeout "${DEMO_TIMEOUT:-420}" python3 -m training.demo --preset long --out /tmp/demo-long --num-workers 6 \
+    timeout "${DEMO_TIMEOUT:-420}" python3 -m cloc_demo.demo --preset long --out /tmp/demo-long --num-workers 6 \
         > "$OUT/demo_long.log" 2>&1
     echo "demo-long exit $?"
     tail -c 4000 "$OUT/demo_long.log" | tr '\r' '\n' | grep -v "it/s" | tail -40

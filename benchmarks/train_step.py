@@ -7,8 +7,8 @@ One step = forward with ``return_loss=True``, backward, gradient clipping at 1.0
 pretraining recipe's betas/eps/weight decay and parameter groups), ``zero_grad`` and the temperature
 clamp, as in ``training.pretrain.Trainer.train_step``.
 
-Inputs are real batches: synthetic scenes (``training.synthetic.generate_split``) collated by
-``training.data.loader.RegionTextCollator`` (``max_regions=M`` for CLOC, 0 for CLIP) from the same
+Inputs are real batches: synthetic scenes (``cloc_data.synthetic.generate_split``) collated by
+``cloc_data.loader.RegionTextCollator`` (``max_regions=M`` for CLOC, 0 for CLIP) from the same
 samples; ``--num-batches`` distinct batches are cycled. Collation is done before timing (its cost per
 batch is reported on its own line).
 
@@ -108,8 +108,8 @@ def log(message: str) -> None:
 def make_batches(arch: str, batch_size: int, num_batches: int, max_regions: int, device: str, seed: int = 0):
     """``{"clip": [batch, ...], "cloc": [batch, ...]}`` from the same synthetic samples, plus the
     collation seconds per batch of each mode."""
-    from training.data.loader import RegionTextCollator
-    from training.synthetic import SyntheticSceneConfig, generate_split
+    from cloc_data.loader import RegionTextCollator
+    from cloc_data.synthetic import SyntheticSceneConfig, generate_split
 
     image_size = cloc_hf.get_model_config(arch).vision_config.image_size
     processor = cloc_hf.CLOCProcessor.offline(size=image_size)

@@ -40,8 +40,8 @@ from eval.baselines import (
     model_device_dtype,
 )
 from eval.metrics import rec_accuracy, rec_accuracy_by_ranking
-from training.data.converters.common import load_json
-from training.data.safe_pickle import load_pickle_file
+from cloc_data.converters.common import load_json
+from cloc_data.safe_pickle import load_pickle_file
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import torch
 from cloc_hf.box_ops import box_convert
 from eval.baselines import EncodeOptions, check_method, encode_class_names, encode_regions
 from eval.metrics import mean_per_class_accuracy, per_group_accuracy
-from training.data.converters.coco import lvis_name
-from training.data.converters.common import load_json
+from cloc_data.converters.coco import lvis_name
+from cloc_data.converters.common import load_json
 
 # Category fields that describe the dataset's bookkeeping, not an attribute of the object class.
 NON_ATTRIBUTE_FIELDS = frozenset(

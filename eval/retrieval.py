@@ -30,8 +30,8 @@ from eval.baselines import (
     encode_texts,
 )
 from eval.metrics import bidirectional_retrieval, topk_accuracy
-from training.data.format import RegionSample
-from training.data.shards import SkipCounter, iter_shard_samples
+from cloc_data.format import RegionSample
+from cloc_data.shards import SkipCounter, iter_shard_samples
 
 RETRIEVAL_KS = (1, 5, 10)
 

@@ -30,7 +30,7 @@ Image-level numbers (``image_*``, ``zeroshot_top1``) do not depend on the region
 one model carries the same values. REC rows use the ``split`` argument; every split is in ``"rec"``.
 
 Data layouts (:func:`resolve_data`): a synthetic dataset written by
-:func:`training.synthetic.write_synthetic_dataset` (found by its ``dataset_info.json``), or a folder
+:func:`cloc_data.synthetic.write_synthetic_dataset` (found by its ``dataset_info.json``), or a folder
 holding ``instances_{split}.json`` (or ``annotations/instances_{split}.json``), the images in
 ``{split}/images``, ``images`` or ``{split}``, region-text shards in ``{split}/`` or the folder itself,
 and refer-style ``refs(*).p|json`` + ``instances.json``. Any path can be given explicitly instead.
@@ -62,7 +62,7 @@ from eval.retrieval import (
     region_texts_from_samples,
     zero_shot_classification,
 )
-from training.data.shards import list_shards
+from cloc_data.shards import list_shards
 
 logger = logging.getLogger(__name__)
 

@@ -684,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-name", help="default: the results' model name, else the --out folder's name")
     parser.add_argument("--arch", help="architecture name (default: pretrain_config.json next to --out, "
                         "else cloc-tiny-demo)")
-    parser.add_argument("--dataset-name", default="CLOC synthetic scenes (training.synthetic)")
+    parser.add_argument("--dataset-name", default="CLOC synthetic scenes (cloc_data.synthetic)")
     parser.add_argument("--dataset-id", default="cloc-synthetic-scenes")
     parser.add_argument("--license", default="apache-2.0")
     parser.add_argument("--training-summary", help="markdown text; default: built from pretrain_config.json")

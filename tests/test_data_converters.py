@@ -10,8 +10,8 @@ import pickle
 import pytest
 from PIL import Image
 
-from training.data.cli import main as cli_main
-from training.data.converters import (
+from cloc_data.cli import main as cli_main
+from cloc_data.converters import (
     SIZE_UNKNOWN,
     ImageResolver,
     iter_coco_instances,
@@ -24,8 +24,8 @@ from training.data.converters import (
     resolve_size,
     xywh_to_xyxy,
 )
-from training.data.safe_pickle import ForbiddenGlobalError, load_pickle_file, safe_loads
-from training.data.shards import SkipCounter, iter_shard_samples, list_shards
+from cloc_data.safe_pickle import ForbiddenGlobalError, load_pickle_file, safe_loads
+from cloc_data.shards import SkipCounter, iter_shard_samples, list_shards
 
 
 def boxes(sample):
@@ -461,7 +461,7 @@ def test_flickr30k_each_box_per_sentence(tmp_path):
 
 
 def test_flickr30k_malformed_annotation_names_file(tmp_path):
-    from training.data.converters.flickr30k import read_annotation
+    from cloc_data.converters.flickr30k import read_annotation
 
     bad = tmp_path / "5.xml"
     bad.write_text("<annotation><object><name>1</name></object></annotation>")  # no <size>

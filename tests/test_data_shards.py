@@ -11,8 +11,8 @@ import tarfile
 import pytest
 from PIL import Image
 
-from training.data.format import MalformedSample, Region, RegionSample
-from training.data.shards import (
+from cloc_data.format import MalformedSample, Region, RegionSample
+from cloc_data.shards import (
     ShardWriter,
     SkipCounter,
     detect_image_extension,
@@ -190,7 +190,7 @@ def test_malformed_samples_are_skipped_and_counted(tmp_path, caplog):
     path = tmp_path / "shard-000000.tar"
     write_tar(path, members)
     skipped = SkipCounter()
-    with caplog.at_level(logging.WARNING, logger="training.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="cloc_data.shards"):
         got = list(iter_shard_samples([path], skipped=skipped))
     assert [s.key for s in got] == ["good", "good2"]
     assert skipped.as_dict() == {
@@ -237,7 +237,7 @@ def test_annotation_only_shard(tmp_path):
 
 def test_skip_counter_merge_and_log_cap(caplog):
     a = SkipCounter("rows", max_logged_per_reason=1)
-    with caplog.at_level(logging.WARNING, logger="training.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="cloc_data.shards"):
         for k in ("k1", "k2", "k3"):
             a.skip("bad", k)
     assert "'k1'" in caplog.text and "'k3'" not in caplog.text and "no longer logged" in caplog.text

@@ -9,7 +9,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     from transformers import AutoModel
 
     import cloc_hf  # noqa: F401
-    from training.demo import run_demo
+    from cloc_demo.demo import run_demo
 
     report = run_demo("smoke", tmp_path, seed=1)
     names = [row["name"] for row in report["rows"]]
@@ -42,7 +42,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_ablation_rows_run_and_change_what_they_say(tmp_path):
     """Table 2 in miniature at toy size: each switch reaches the model it names, and gets its own row."""
-    from training.demo import ABLATIONS, run_demo
+    from cloc_demo.demo import ABLATIONS, run_demo
 
     chosen = ("roi_align", "prompt_token", "noisy_labels")
     report = run_demo("smoke", tmp_path, seed=1, overrides={"ablations": chosen, "equal_time_run": False})

@@ -38,7 +38,7 @@ from eval.retrieval import (
     zero_shot_classification,
 )
 from eval.runner import METHODS, ROW_KEYS, evaluate
-from training.synthetic import SyntheticSceneConfig, write_synthetic_dataset
+from cloc_data.synthetic import SyntheticSceneConfig, write_synthetic_dataset
 
 ONE_CHUNK = EncodeOptions(batch_size=64)  # every image in one call, so patched features can index images
 RED, BLUE = (220, 30, 30), (40, 70, 230)

@@ -11,15 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 from training.config import PretrainConfig
-from training.data.format import Region, RegionSample
-from training.data.loader import EpochBatchSampler, RegionTextCollator
+from cloc_data.format import Region, RegionSample
+from cloc_data.loader import EpochBatchSampler, RegionTextCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def synthetic_data(tmp_path_factory):
-    from training.synthetic import SyntheticSceneConfig, write_synthetic_dataset
+    from cloc_data.synthetic import SyntheticSceneConfig, write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
     write_synthetic_dataset(SyntheticSceneConfig(seed=3), out, n_train=96, n_val=16, n_test=16)
@@ -181,7 +181,7 @@ def test_continued_pretraining_from_a_converted_checkpoint(synthetic_data, tmp_p
 
 def test_streaming_dataset_shards_across_ranks_and_resumes(synthetic_data):
     from cloc_hf import CLOCProcessor
-    from training.data.loader import StreamingRegionTextDataset
+    from cloc_data.loader import StreamingRegionTextDataset
 
     path = synthetic_data / "train"
     single = StreamingRegionTextDataset(path, shuffle_buffer=16, seed=3)

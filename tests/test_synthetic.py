@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from cloc_hf.box_ops import box_iou
-from training.data.shards import iter_shard_samples, list_shards
-from training.synthetic import (
+from cloc_data.shards import iter_shard_samples, list_shards
+from cloc_data.synthetic import (
     SHAPES,
     SceneObject,
     SyntheticSceneConfig,
@@ -29,8 +29,8 @@ from training.synthetic import (
     shape_mask,
     write_synthetic_dataset,
 )
-from training.synthetic.scenes import assign_referring_expressions
-from training.synthetic.shapes import plural
+from cloc_data.synthetic.scenes import assign_referring_expressions
+from cloc_data.synthetic.shapes import plural
 
 CONFIG = SyntheticSceneConfig(seed=3)
 

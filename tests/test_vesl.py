@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data.format import Region, RegionSample
-from training.data.shards import ShardWriter, iter_shard_samples, list_shards
+from cloc_data.format import Region, RegionSample
+from cloc_data.shards import ShardWriter, iter_shard_samples, list_shards
 from training.vesl import (
     NP_GRAMMAR,
     Detection,

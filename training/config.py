@@ -35,7 +35,7 @@ class PretrainConfig:
         grounding_loss (bool, True): include ``L_grounding``.
         max_regions (int, 4): M, regions sampled per image per step.
     Data
-        train_data (str): folder/glob of region-text shards (``training.data`` format).
+        train_data (str): folder/glob of region-text shards (``cloc_data`` format).
         max_train_samples (int | None): use only the first N samples (in-memory mode).
         streaming (bool, False): stream shards through ``datasets`` instead of loading them into memory
             (for corpora larger than RAM; shards are split across ranks, a seeded buffer shuffles).

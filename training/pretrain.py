@@ -43,7 +43,7 @@ import cloc_hf
 from cloc_hf import CLOCModel, CLOCProcessor
 
 from .config import PretrainConfig
-from .data.loader import EpochBatchSampler, RegionTextCollator, RegionTextDataset, StreamingRegionTextDataset
+from cloc_data.loader import EpochBatchSampler, RegionTextCollator, RegionTextDataset, StreamingRegionTextDataset
 from .distributed import make_communicator
 
 logger = logging.getLogger("cloc.pretrain")

@@ -29,8 +29,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from training.data.format import MalformedSample, Region, RegionSample
-from training.data.shards import ShardWriter, SkipCounter
+from cloc_data.format import MalformedSample, Region, RegionSample
+from cloc_data.shards import ShardWriter, SkipCounter
 from training.vesl.captioner import Captioner, HFCaptioner, KeepCaption
 from training.vesl.grounder import DEFAULT_THRESHOLD, Grounder, Owlv2Grounder
 from training.vesl.phrases import MAX_PHRASES, WEB_WORDS, PhraseExtractor

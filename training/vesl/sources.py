@@ -30,8 +30,8 @@ from typing import Any
 
 from PIL import Image
 
-from training.data.format import RegionSample
-from training.data.shards import SkipCounter, detect_image_extension, iter_shard_samples, list_shards
+from cloc_data.format import RegionSample
+from cloc_data.shards import SkipCounter, detect_image_extension, iter_shard_samples, list_shards
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 INPUT_FORMATS = ("auto", "images", "shards")
@@ -146,7 +146,7 @@ class ImageFolderSource:
 
 
 class ShardInputSource:
-    """Region-text shards (anything :func:`training.data.shards.list_shards` accepts); a chunk per shard."""
+    """Region-text shards (anything :func:`cloc_data.shards.list_shards` accepts); a chunk per shard."""
 
     kind = "shards"
 

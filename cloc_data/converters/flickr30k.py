@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from training.data.converters.common import clean_sample, make_key
-from training.data.format import Region, RegionSample
-from training.data.shards import SkipCounter
+from cloc_data.converters.common import clean_sample, make_key
+from cloc_data.format import Region, RegionSample
+from cloc_data.shards import SkipCounter
 
 _PHRASE = re.compile(r"\[/EN#(\d+)((?:/[^\s\]/]+)+)\s+([^\]]*)\]")
 BOX_CHOICES = ("union", "each")

@@ -3,8 +3,8 @@
 Three source layouts are read.
 
 **refer toolkit** (``refs(unc).p`` / ``refs(umd).p`` + ``instances.json`` of the same folder; a
-``refs(NAME).json`` with the same list, as :mod:`training.synthetic` exports, is read too). The
-pickle (loaded with :mod:`training.data.safe_pickle`, never plain ``pickle``) is a list of refs::
+``refs(NAME).json`` with the same list, as :mod:`cloc_data.synthetic` exports, is read too). The
+pickle (loaded with :mod:`cloc_data.safe_pickle`, never plain ``pickle``) is a list of refs::
 
     {"ref_id", "ann_id", "image_id", "split": "train|val|testA|testB|test", "category_id",
      "file_name": "COCO_train2014_..._<ann>.jpg", "sent_ids": [...],
@@ -44,7 +44,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from training.data.converters.common import (
+from cloc_data.converters.common import (
     SIZE_UNKNOWN,
     clean_sample,
     iter_rows,
@@ -52,9 +52,9 @@ from training.data.converters.common import (
     make_key,
     xywh_to_xyxy,
 )
-from training.data.format import Region, RegionSample
-from training.data.safe_pickle import load_pickle_file
-from training.data.shards import SkipCounter
+from cloc_data.format import Region, RegionSample
+from cloc_data.safe_pickle import load_pickle_file
+from cloc_data.shards import SkipCounter
 
 PER_CHOICES = ("ref", "image")
 

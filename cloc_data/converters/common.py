@@ -2,13 +2,13 @@
 
 Conventions every converter follows:
 
-* It is a generator of :class:`~training.data.format.RegionSample` with ``image=None``; the image's
+* It is a generator of :class:`~cloc_data.format.RegionSample` with ``image=None``; the image's
   location relative to the image root is ``meta["image_path"]`` (the CLI attaches the pixels).
 * Boxes leave the converter as xyxy in original-image pixels, already checked by
   :func:`clean_sample`: boxes slightly outside the image (within
   :data:`cloc_hf.box_ops.OUTSIDE_TOLERANCE`) are clipped, empty/flipped/far-outside boxes and empty
   phrases drop their region, and a sample left with fewer than ``min_regions`` regions is dropped.
-* Every dropped record or region is counted in the :class:`~training.data.shards.SkipCounter` with a
+* Every dropped record or region is counted in the :class:`~cloc_data.shards.SkipCounter` with a
   reason (region-level reasons start with ``region_``); nothing else is lost.
 * When the source does not give the image size (Visual Genome without ``image_data.json``, HF rows
   without an image), the sample has ``width = height = 0`` and ``meta["size_unknown"] = True``;
@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from cloc_hf.box_ops import box_convert, validate_boxes
-from training.data.format import MalformedSample, Region, RegionSample
-from training.data.shards import SkipCounter
+from cloc_data.format import MalformedSample, Region, RegionSample
+from cloc_data.shards import SkipCounter
 
 SIZE_UNKNOWN = "size_unknown"
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")

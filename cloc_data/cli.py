@@ -15,7 +15,7 @@ Summarise::
     cloc-data stats shards/coco_val
 
 Images: with ``--images DIR`` each sample's ``meta["image_path"]`` is looked up under ``DIR`` (see
-:class:`~training.data.converters.common.ImageResolver`) and stored in the shard as it is (JPEG, PNG
+:class:`~cloc_data.converters.common.ImageResolver`) and stored in the shard as it is (JPEG, PNG
 and WebP bytes unchanged; other formats re-encoded as ``--image-format``). Images embedded in the
 input rows (lmms-lab RefCOCO) need no ``--images``. A sample whose image is not found is skipped
 and counted as ``missing_image``, unless ``--annotations-only``: then it is written without an
@@ -40,7 +40,7 @@ from typing import Any
 
 from PIL import Image
 
-from training.data.converters import (
+from cloc_data.converters import (
     FORMATS,
     SIZE_UNKNOWN,
     ImageResolver,
@@ -51,8 +51,8 @@ from training.data.converters import (
     iter_visual_genome,
     resolve_size,
 )
-from training.data.format import MalformedSample, RegionSample
-from training.data.shards import (
+from cloc_data.format import MalformedSample, RegionSample
+from cloc_data.shards import (
     ShardWriter,
     SkipCounter,
     detect_image_extension,

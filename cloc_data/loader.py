@@ -31,7 +31,7 @@ class RegionTextDataset(Dataset):
     """Map-style dataset over region-text samples held in memory (images kept encoded or as PIL).
 
     ``__getitem__`` returns ``(index, sample)`` so the collator can seed region sampling per sample.
-    For corpora that do not fit in memory, stream shards with :func:`~training.data.shards.load_hf_dataset`.
+    For corpora that do not fit in memory, stream shards with :func:`~cloc_data.shards.load_hf_dataset`.
     """
 
     def __init__(self, samples: Sequence[RegionSample]):

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from cloc_hf.box_ops import box_iou
-from training.data.format import Region, RegionSample
-from training.synthetic.config import SPLITS, SyntheticSceneConfig, check_split, class_index, num_classes
-from training.synthetic.shapes import BACKGROUND_WORDS, draw_background, plural, shape_mask
+from cloc_data.format import Region, RegionSample
+from cloc_data.synthetic.config import SPLITS, SyntheticSceneConfig, check_split, class_index, num_classes
+from cloc_data.synthetic.shapes import BACKGROUND_WORDS, draw_background, plural, shape_mask
 
 DATASET_NAME = "synthetic"
 # Rejection-sampling budgets: positions tried per object, whole layouts tried per image.

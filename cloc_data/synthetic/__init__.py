@@ -3,7 +3,7 @@ pseudo-label noise and referring expressions. The embedded default data of the p
 
 Quick start::
 
-    from training.synthetic import SyntheticSceneConfig, generate_split, write_synthetic_dataset
+    from cloc_data.synthetic import SyntheticSceneConfig, generate_split, write_synthetic_dataset
 
     config = SyntheticSceneConfig(seed=0)              # CALIBRATION.md round-2 regime
     for sample in generate_split(config, "train", 4):  # RegionSample, image a 32x32 PIL image
@@ -12,10 +12,10 @@ Quick start::
 
 Command line (prints the generation speed)::
 
-    python -m training.synthetic data/synthetic --n-train 30000 --n-val 1000 --n-test 1000
+    python -m cloc_data.synthetic data/synthetic --n-train 30000 --n-val 1000 --n-test 1000
 """
 
-from training.synthetic.config import (
+from cloc_data.synthetic.config import (
     DEFAULT_COLOURS,
     DEFAULT_SHAPES,
     DEFAULT_SIZE_CLASSES,
@@ -29,9 +29,9 @@ from training.synthetic.config import (
     num_classes,
     per_attribute_accuracy,
 )
-from training.synthetic.export import coco_instances, referring_expressions, write_synthetic_dataset
-from training.synthetic.scenes import SceneObject, generate_scene, generate_split, sample_key
-from training.synthetic.shapes import SHAPES, shape_mask
+from cloc_data.synthetic.export import coco_instances, referring_expressions, write_synthetic_dataset
+from cloc_data.synthetic.scenes import SceneObject, generate_scene, generate_split, sample_key
+from cloc_data.synthetic.shapes import SHAPES, shape_mask
 
 __all__ = [
     "DEFAULT_COLOURS",

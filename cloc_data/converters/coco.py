@@ -23,9 +23,9 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-from training.data.converters.common import clean_sample, load_json, make_key, xywh_to_xyxy
-from training.data.format import Region, RegionSample
-from training.data.shards import SkipCounter
+from cloc_data.converters.common import clean_sample, load_json, make_key, xywh_to_xyxy
+from cloc_data.format import Region, RegionSample
+from cloc_data.shards import SkipCounter
 
 
 def lvis_name(name: str) -> str:

@@ -24,9 +24,9 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from training.data.converters.common import clean_sample, iter_rows, make_key
-from training.data.format import Region, RegionSample
-from training.data.shards import SkipCounter
+from cloc_data.converters.common import clean_sample, iter_rows, make_key
+from cloc_data.format import Region, RegionSample
+from cloc_data.shards import SkipCounter
 
 PHRASE_LISTS = {
     "noun_chunks": ("noun_chunks",),

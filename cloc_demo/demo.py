@@ -1,10 +1,10 @@
 """The paper in miniature: CLOC beats CLIP on region tasks at equal budget, on a CPU.
 
-    python -m training.demo                     # `make demo`: ~15 min on 2 CPU cores
-    python -m training.demo --preset long       # `make demo-long`: CLIP trained until it learns shape
-    python -m training.demo --preset ablations  # `make ablations`: the paper's Table 2 in miniature
+    python -m cloc_demo.demo                     # `make demo`: ~15 min on 2 CPU cores
+    python -m cloc_demo.demo --preset long       # `make demo-long`: CLIP trained until it learns shape
+    python -m cloc_demo.demo --preset ablations  # `make ablations`: the paper's Table 2 in miniature
 
-Steps: generate the synthetic scenes (``training.synthetic``), pretrain CLOC and the CLIP baseline with
+Steps: generate the synthetic scenes (``cloc_data.synthetic``), pretrain CLOC and the CLIP baseline with
 the same code, data and number of steps (and a second CLIP run with CLOC's wall-clock time), evaluate
 CLOC's Prompter and the three CLIP region baselines (crop-and-encode, background-masked full image,
 RoI-Align), and write ``OUT/report.md``, ``OUT/report.json`` and pictures. The final CLOC checkpoint
@@ -29,9 +29,9 @@ from eval.region import load_coco_regions, region_recognition
 from eval.report import render_markdown
 from eval.runner import evaluate, jsonable
 
-from .config import PretrainConfig
-from .pretrain import Trainer
-from .synthetic import SyntheticSceneConfig, write_synthetic_dataset
+from training.config import PretrainConfig
+from training.pretrain import Trainer
+from cloc_data.synthetic import SyntheticSceneConfig, write_synthetic_dataset
 
 logger = logging.getLogger("cloc.demo")
 
@@ -299,7 +299,7 @@ def write_report(out: Path, preset_name: str, preset: Preset, report: dict[str, 
         f"`{preset.arch}`, batch {preset.batch_size}, lr {preset.lr}, one seed. CLIP is the same code and data "
         "without region losses; its region numbers come from three baselines on its towers. Region-text "
         f"false-negative filter: caption cosine > {preset.text_filter_threshold} (the paper uses 0.9; see the "
-        "`text_filter_threshold` note in `training/demo.py` for why 0.9 stalls shape learning at this scale). "
+        "`text_filter_threshold` note in `cloc_demo/demo.py` for why 0.9 stalls shape learning at this scale). "
         f"Scene knobs beyond the defaults: {json.dumps(preset.scene)} (`region_phrase=mention`: a region's phrase "
         "is the caption's own wording where the caption names the object, as VESL's phrases would be). "
         f"{preset.steps} steps per run.",
@@ -394,7 +394,7 @@ def run_demo(preset_name: str = "demo", out: str | Path = "runs/demo", seed: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cloc_demo.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-long, ...)")

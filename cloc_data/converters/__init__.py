@@ -1,14 +1,14 @@
-"""Converters from public region-text datasets to :class:`~training.data.format.RegionSample`.
+"""Converters from public region-text datasets to :class:`~cloc_data.format.RegionSample`.
 
 Each converter streams samples with ``image=None`` and the image location in
 ``meta["image_path"]``, counting every malformed record or region in a
-:class:`~training.data.shards.SkipCounter`; see :mod:`training.data.converters.common` for the shared
+:class:`~cloc_data.shards.SkipCounter`; see :mod:`cloc_data.converters.common` for the shared
 conventions and ``docs/data_format.md`` for each dataset's field mapping. ``cloc-data convert``
-(:mod:`training.data.cli`) attaches the images and writes shards.
+(:mod:`cloc_data.cli`) attaches the images and writes shards.
 """
 
-from training.data.converters.coco import iter_coco_instances, lvis_name
-from training.data.converters.common import (
+from cloc_data.converters.coco import iter_coco_instances, lvis_name
+from cloc_data.converters.common import (
     SIZE_UNKNOWN,
     ImageResolver,
     clean_sample,
@@ -17,10 +17,10 @@ from training.data.converters.common import (
     resolve_size,
     xywh_to_xyxy,
 )
-from training.data.converters.flickr30k import iter_flickr30k, parse_sentence, read_annotation
-from training.data.converters.grit import grit_row_to_sample, iter_grit
-from training.data.converters.refcoco import iter_refcoco, iter_refcoco_rows, iter_refer
-from training.data.converters.visual_genome import iter_visual_genome
+from cloc_data.converters.flickr30k import iter_flickr30k, parse_sentence, read_annotation
+from cloc_data.converters.grit import grit_row_to_sample, iter_grit
+from cloc_data.converters.refcoco import iter_refcoco, iter_refcoco_rows, iter_refer
+from cloc_data.converters.visual_genome import iter_visual_genome
 
 FORMATS = ("grit", "vg", "refcoco", "flickr30k", "coco", "lvis")
 

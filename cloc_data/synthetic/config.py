@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from training.synthetic.shapes import SHAPES
+from cloc_data.synthetic.shapes import SHAPES
 
 # Very distinct, saturated colours: backgrounds are low-saturation greys, so none of these can be
 # mistaken for background. White/black/grey are deliberately absent for the same reason.
@@ -65,7 +65,7 @@ class SyntheticSceneConfig:
     Scene
         image_size (int, 32): side of the square RGB images, in pixels.
         shapes (tuple[str, ...], circle/square/triangle/cross/ring): shape names, each one of
-            :data:`training.synthetic.shapes.SHAPES` (which also has diamond, hexagon, star).
+            :data:`cloc_data.synthetic.shapes.SHAPES` (which also has diamond, hexagon, star).
         colours (dict[str, (r, g, b)], 6 colours): colour name -> RGB 0-255 (:data:`DEFAULT_COLOURS`).
         size_classes (dict[str, (lo, hi)], small 9-12 px / large 13-17 px at 32): object side range per
             size class, as fractions of ``image_size``; the side in pixels is drawn uniformly from the
@@ -122,7 +122,7 @@ class SyntheticSceneConfig:
             it, so splits never share an image and ``generate_split(..., n)`` is a prefix of any
             longer run.
         n_train / n_val / n_test (int, 30000 / 1000 / 1000): default split sizes of
-            :func:`~training.synthetic.export.write_synthetic_dataset`.
+            :func:`~cloc_data.synthetic.export.write_synthetic_dataset`.
     """
 
     image_size: int = 32

@@ -3,7 +3,7 @@
 Layout of ``out_dir``::
 
     dataset_info.json            config, counts, class list, paths of everything below
-    train/shard-000000.tar ...   RegionSample shards (training.data.shards), one folder per split
+    train/shard-000000.tar ...   RegionSample shards (cloc_data.shards), one folder per split
     val/shard-*.tar, test/...
     val/images/val-00000000.png  eval splits also as plain PNG files ...
     instances_val.json           ... with COCO-style instances (boxes xywh, categories = shape x colour)
@@ -24,10 +24,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from training.data.format import RegionSample
-from training.data.shards import ShardWriter
-from training.synthetic.config import SPLITS, SyntheticSceneConfig, class_attributes
-from training.synthetic.scenes import generate_split
+from cloc_data.format import RegionSample
+from cloc_data.shards import ShardWriter
+from cloc_data.synthetic.config import SPLITS, SyntheticSceneConfig, class_attributes
+from cloc_data.synthetic.scenes import generate_split
 
 EVAL_SPLITS = ("val", "test")
 REFS_FILE = "refs(synthetic).json"
@@ -252,7 +252,7 @@ def write_synthetic_dataset(
 
     info: dict[str, Any] = {
         "dataset": "synthetic",
-        "format": "training.data.shards RegionSample shards; boxes xyxy in pixels",
+        "format": "cloc_data.shards RegionSample shards; boxes xyxy in pixels",
         "config": config.to_dict(),
         "classes": class_attributes(config),
         "splits": {},

@@ -1,8 +1,8 @@
 """Write a synthetic scenes dataset, or time the generator.
 
-python -m training.synthetic data/synthetic --n-train 30000 --n-val 1000 --n-test 1000 --seed 0
-python -m training.synthetic data/synthetic --config my_config.json   # SyntheticSceneConfig fields
-python -m training.synthetic --benchmark 20000                        # generate in memory, print speed
+python -m cloc_data.synthetic data/synthetic --n-train 30000 --n-val 1000 --n-test 1000 --seed 0
+python -m cloc_data.synthetic data/synthetic --config my_config.json   # SyntheticSceneConfig fields
+python -m cloc_data.synthetic --benchmark 20000                        # generate in memory, print speed
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import argparse
 import json
 import time
 
-from training.synthetic.config import SyntheticSceneConfig
-from training.synthetic.export import write_synthetic_dataset
-from training.synthetic.scenes import generate_split
+from cloc_data.synthetic.config import SyntheticSceneConfig
+from cloc_data.synthetic.export import write_synthetic_dataset
+from cloc_data.synthetic.scenes import generate_split
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m training.synthetic",
+        prog="python -m cloc_data.synthetic",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -24,9 +24,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from training.data.converters.common import SIZE_UNKNOWN, clean_sample, load_json, make_key, xywh_to_xyxy
-from training.data.format import Region, RegionSample
-from training.data.shards import SkipCounter
+from cloc_data.converters.common import SIZE_UNKNOWN, clean_sample, load_json, make_key, xywh_to_xyxy
+from cloc_data.format import Region, RegionSample
+from cloc_data.shards import SkipCounter
 
 
 def load_vg_image_data(path: str | os.PathLike) -> dict[int, dict[str, Any]]:

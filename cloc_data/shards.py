@@ -7,7 +7,7 @@ stored as consecutive members sharing a key::
     KEY.txt                        the image-level caption, UTF-8
     KEY.json                       RegionSample.to_json(): key, caption, width, height, regions, meta
 
-Boxes in ``KEY.json`` are xyxy in original-image pixels (see :mod:`training.data.format`).
+Boxes in ``KEY.json`` are xyxy in original-image pixels (see :mod:`cloc_data.format`).
 
 Writing (:class:`ShardWriter`) is atomic per shard: a shard is written to ``NAME.tar.tmp``, fsynced and
 renamed to ``NAME.tar``, so a crashed writer never leaves a partial file that :func:`list_shards`
@@ -44,7 +44,7 @@ from typing import Any
 
 from PIL import Image
 
-from training.data.format import MalformedSample, RegionSample
+from cloc_data.format import MalformedSample, RegionSample
 
 logger = logging.getLogger(__name__)
 
