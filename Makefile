@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m cloc_demo.demo --preset demo --out runs/demo
 
-# The same comparison after the CLIP baseline has learned shape (up to an hour)
+# The same comparison after the CLIP baseline has learned shape (~25 min on a 2-core CPU)
 demo-long: $(STAMP)
 	$(PY) -m cloc_demo.demo --preset long --out runs/demo-long
 
