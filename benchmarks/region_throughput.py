@@ -1,6 +1,6 @@
 """Region-feature throughput of CLOC: one ViT pass + the Prompter vs crop-and-encode.
 
-The claim under test (DESIGN.md section 2): the ViT runs once per image and any number of box
+The claim under test (docs/design.md, section 2): the ViT runs once per image and any number of box
 prompts reuse its tokens through the lightweight Prompter, whereas crop-and-encode CLIP pays one full
 encoder pass per region. For a named architecture this script measures, at batch 1 (one image):
 

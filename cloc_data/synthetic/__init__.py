@@ -5,7 +5,7 @@ Quick start::
 
     from cloc_data.synthetic import SyntheticSceneConfig, generate_split, write_synthetic_dataset
 
-    config = SyntheticSceneConfig(seed=0)              # CALIBRATION.md round-2 regime
+    config = SyntheticSceneConfig(seed=0)              # the demo's regime
     for sample in generate_split(config, "train", 4):  # RegionSample, image a 32x32 PIL image
         print(sample.caption, [(r.phrase, r.box) for r in sample.regions])
     write_synthetic_dataset(config, "data/synthetic", n_train=30000, n_val=1000, n_test=1000)

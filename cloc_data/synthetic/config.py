@@ -1,6 +1,6 @@
 """The one configuration object of the synthetic scenes generator, and its class/attribute vocabulary.
 
-Defaults reproduce the "round 2" regime of ``/work/shared/CALIBRATION.md``: 32x32 images, 5 very
+Defaults give the demo's regime: 32x32 images, 5 very
 distinct shapes x 6 colours = 30 classes, 1-3 objects, small 9-12 px / large 13-17 px, captions that
 name 1-2 objects with 30% of the mentions shape-only. In that regime a ~1M-parameter model learns
 every attribute within minutes on a CPU, which is what the project's demo needs.

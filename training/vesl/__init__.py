@@ -1,4 +1,4 @@
-"""VESL: pseudo-label images with region-text pairs (DESIGN.md section 5).
+"""VESL: pseudo-label images with region-text pairs (docs/design.md section 6).
 
 Stage 1 :mod:`~training.vesl.captioner` (re-)captions each image, stage 2
 :mod:`~training.vesl.phrases` extracts up to 20 noun phrases, stage 3

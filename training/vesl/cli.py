@@ -1,4 +1,4 @@
-"""``cloc-vesl``: pseudo-label images with region-text pairs (VESL, DESIGN.md section 5).
+"""``cloc-vesl``: pseudo-label images with region-text pairs (VESL, docs/design.md section 6).
 
 One CPU / one GPU (no launcher needed; the device is accelerate's default)::
 

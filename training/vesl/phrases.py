@@ -1,4 +1,4 @@
-"""VESL stage 2: noun phrases from a caption, as in the CLOC paper (DESIGN.md section 5).
+"""VESL stage 2: noun phrases from a caption, as in the CLOC paper (docs/design.md section 6).
 
 Steps, in order: lower-case -> tokenize -> drop generic web words -> POS-tag -> chunk with
 :data:`NP_GRAMMAR` -> drop stopword-only phrases -> de-duplicate (first occurrence wins) -> keep at
