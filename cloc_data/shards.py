@@ -357,6 +357,18 @@ def list_shards(path_or_dir_or_glob: str | os.PathLike | Sequence[str | os.PathL
 # --- plain reader -------------------------------------------------------------------------------
 
 
+def is_tar_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a tar archive: a ``.tar`` name or the POSIX ``ustar`` magic at byte 257."""
+    if os.fspath(path).endswith(_SHARD_SUFFIX):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(265)
+    except OSError:
+        return False
+    return head[257:262] == b"ustar"
+
+
 def split_member_name(name: str) -> tuple[str, str] | None:
     """``"dir/KEY.ext.more"`` -> ``("dir/KEY", "ext.more")`` (webdataset convention); ``None`` if no ext."""
     head, _, base = name.rpartition("/")
@@ -366,8 +378,15 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-def _iter_groups(path: str, skipped: SkipCounter) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream ``(key, {ext: bytes})`` groups of consecutive members sharing a key."""
+def iter_tar_groups(path: str | os.PathLike, skipped: SkipCounter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream ``(key, {ext: bytes})`` groups of consecutive members sharing a key (webdataset layout).
+
+    Works on any webdataset tar (this project's shards, img2dataset's output). Members without an
+    extension are counted as ``stray_member``, a repeated extension as ``duplicate_member``; a
+    damaged tar raises ``tarfile.TarError`` / ``EOFError`` / ``OSError`` after the groups before the
+    damage have been yielded.
+    """
+    path = os.fspath(path)
     key: str | None = None
     group: dict[str, bytes] = {}
     with tarfile.open(path, mode="r|*") as tar:
@@ -393,6 +412,12 @@ def _iter_groups(path: str, skipped: SkipCounter) -> Iterator[tuple[str, dict[st
         yield key, group
 
 
+def image_member(group: dict[str, bytes]) -> tuple[str, bytes] | None:
+    """The ``(extension, bytes)`` of a group's image member (``jpg``/``jpeg``/``png``/``webp``), else ``None``."""
+    ext = next((e for e in group if _IMAGE_EXTENSION_ALIASES.get(e) is not None), None)
+    return None if ext is None else (ext, group[ext])
+
+
 def _group_to_sample(
     key: str, group: dict[str, bytes], decode_images: bool, require_image: bool, skipped: SkipCounter
 ) -> RegionSample | None:
@@ -411,13 +436,13 @@ def _group_to_sample(
     except MalformedSample as err:
         skipped.skip("invalid_sample", key, str(err))
         return None
-    image_ext = next((e for e in group if _IMAGE_EXTENSION_ALIASES.get(e) is not None), None)
-    if image_ext is None:
+    found = image_member(group)
+    if found is None:
         if require_image:
             skipped.skip("missing_image", key, f"members {sorted(group)}")
             return None
         return sample
-    data = group[image_ext]
+    data = found[1]
     if not decode_images:
         sample.image = data
         return sample
@@ -466,7 +491,7 @@ def iter_shard_samples(
             raise FileNotFoundError(f"shard {path!r} does not exist")
         seen: set[str] = set()
         try:
-            for key, group in _iter_groups(path, skipped):
+            for key, group in iter_tar_groups(path, skipped):
                 if key in seen:
                     skipped.skip("duplicate_key", key, f"key appears twice in {path}")
                     continue
