@@ -1,10 +1,11 @@
-"""Markdown tables from :func:`eval.runner.evaluate` results (or any list of rows of that schema).
+"""Markdown report of :func:`eval.runner.evaluate` results (or any list of rows of :mod:`eval.results`).
 
     from eval.report import render_markdown
     text = render_markdown(json.load(open("results.json")), title="CLOC vs CLIP, synthetic test split")
 
 The summary table has one row per (model, method) and one column per row key that at least one row
-fills; ``None`` and NaN print as ``-``, numbers with one decimal. When the results carry them, a table of REC
+fills (:func:`eval.results.summary_columns`, rendered by :func:`eval.results.markdown_table`: ``None``
+and NaN print as ``-``, numbers with one decimal). When the results carry them, a table of REC
 accuracy per split and one of region accuracy per size class follow. To compare models (a CLIP
 baseline's rows and a CLOC model's), render their rows together:
 ``render_markdown([*clip_results["rows"], *cloc_results["rows"]])``.
@@ -12,71 +13,12 @@ baseline's rows and a CLOC model's), render their rows together:
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.runner import ROW_KEYS
-
-COLUMN_TITLES = {
-    "name": "method",
-    "model": "model",
-    "region_macc": "region mAcc",
-    "region_acc": "region acc",
-    "region_r2t_r10": "region→text R@10",
-    "region_t2r_r10": "text→region R@10",
-    "image_i2t_r1": "image→text R@1",
-    "image_t2i_r1": "text→image R@1",
-    "zeroshot_top1": "zero-shot top-1",
-    "rec_acc50": "REC Acc@0.5 (ranking)",
-    "rec_head_acc50": "REC Acc@0.5 (box head)",
-}
-
-
-def column_title(key: str) -> str:
-    if key in COLUMN_TITLES:
-        return COLUMN_TITLES[key]
-    if key.startswith("region_") and key.endswith("_acc"):
-        return f"{key[len('region_') : -len('_acc')]} acc"
-    return key
-
-
-def format_value(value: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    return str(value).replace("|", "\\|")
-
-
-def markdown_table(
-    rows: Sequence[dict[str, Any]], columns: Sequence[str], titles: dict[str, str] | None = None
-) -> str:
-    titles = titles or {}
-    head = [titles.get(c, column_title(c)) for c in columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(format_value(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def summary_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """:data:`~eval.runner.ROW_KEYS` order, attribute columns after ``region_acc``, extra keys last;
-    columns empty in every row are left out (``name`` always stays)."""
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    attrs = [k for k in keys if k not in ROW_KEYS and k.startswith("region_") and k.endswith("_acc")]
-    extra = [k for k in keys if k not in ROW_KEYS and k not in attrs]
-    ordered = []
-    for key in ROW_KEYS:
-        ordered.append(key)
-        if key == "region_acc":
-            ordered += attrs
-    ordered += extra
-    return [k for k in ordered if k == "name" or any(row.get(k) is not None for row in rows)]
+from eval.results import markdown_table, summary_columns
 
 
 def _rec_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -148,6 +90,3 @@ def write_markdown(results: dict[str, Any], path: str | os.PathLike, title: str 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(render_markdown(results, title), encoding="utf-8")
 
-
-def load_results(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -10,24 +10,10 @@ with the region methods of :data:`METHODS`, and returns::
      "rec": {"box_head": {split: {...}} | None, "ranking": {method: {split: {...}}}},
      "meta": {"data", "split", "tasks", "methods", "max_images", "model", "skipped", "seconds"}}
 
-A ROW has every key of :data:`ROW_KEYS` plus ``region_<attribute>_acc`` for each class attribute of
-the data (``region_shape_acc``, ``region_colour_acc`` on the synthetic scenes), in percent, ``None``
-where the method has no such output or the task did not run:
-
-=====================  ==================================================================
-``name``               the region method: ``"cloc"``, ``"clip-crop"``, ``"clip-maskbg"``, ``"clip-roi"``
-``model``              the model's name (``model_name``), or ``None``
-``region_macc``        region recognition, mean per-class accuracy (GT boxes, plain class names)
-``region_acc``         region recognition, overall accuracy
-``region_r2t_r10``     region -> phrase recall@10;  ``region_t2r_r10``: phrase -> region
-``image_i2t_r1``       image -> caption recall@1;  ``image_t2i_r1``: caption -> image
-``zeroshot_top1``      zero-shot classification top-1 (single-object images, class names)
-``rec_acc50``          REC Acc@0.5 by ranking the image's GT boxes with this method's regions
-``rec_head_acc50``     REC Acc@0.5 of the box head (``"cloc"`` row of a model with a box head)
-=====================  ==================================================================
-
-Image-level numbers (``image_*``, ``zeroshot_top1``) do not depend on the region method: every row of
-one model carries the same values. REC rows use the ``split`` argument; every split is in ``"rec"``.
+A ROW is the summary of one region method: the keys of :data:`eval.results.ROW_KEYS` plus
+``region_<attribute>_acc`` for each class attribute of the data, in percent, ``None`` where the method
+has no such output or the task did not run (:mod:`eval.results` says what each key means). REC rows
+use the ``split`` argument; every split is in ``"rec"``.
 
 Data layouts (:func:`resolve_data`): a synthetic dataset written by
 :func:`cloc_data.synthetic.write_synthetic_dataset` (found by its ``dataset_info.json``), or a folder
@@ -40,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -62,25 +47,19 @@ from eval.retrieval import (
     region_texts_from_samples,
     zero_shot_classification,
 )
+from eval.results import (  # noqa: F401  (METHODS, ROW_KEYS, jsonable, save_results: this module's API too)
+    METHODS,
+    ROW_KEYS,
+    attribute_key,
+    empty_row,
+    jsonable,
+    save_results,
+)
 from cloc_data.shards import list_shards
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("region", "region_retrieval", "image_retrieval", "zeroshot", "rec")
-METHODS = ("cloc", "clip-crop", "clip-maskbg", "clip-roi")
-ROW_KEYS = (
-    "name",
-    "model",
-    "region_macc",
-    "region_acc",
-    "region_r2t_r10",
-    "region_t2r_r10",
-    "image_i2t_r1",
-    "image_t2i_r1",
-    "zeroshot_top1",
-    "rec_acc50",
-    "rec_head_acc50",
-)
 SYNTHETIC_INFO = "dataset_info.json"
 
 
@@ -338,12 +317,11 @@ def build_rows(
     attributes = sorted({a for r in (results.get("region") or {}).values() for a in r.get("attributes", {})})
     rows = []
     for method in methods:
-        row: dict[str, Any] = {key: None for key in ROW_KEYS}
-        row.update(name=method, model=model_name)
+        row = empty_row(method, model_name)
         region = _get(results, "region", method) or {}
         row["region_macc"], row["region_acc"] = region.get("macc"), region.get("acc")
         for attr in attributes:
-            row[f"region_{attr}_acc"] = _get(region, "attributes", attr)
+            row[attribute_key(attr)] = _get(region, "attributes", attr)
         row["region_r2t_r10"] = _get(results, "region_retrieval", method, "r2t_r10")
         row["region_t2r_r10"] = _get(results, "region_retrieval", method, "t2r_r10")
         row["image_i2t_r1"] = _get(results, "image_retrieval", "i2t_r1")
@@ -354,17 +332,6 @@ def build_rows(
             row["rec_head_acc50"] = _get(results, "rec", "box_head", split, "acc@0.5")
         rows.append(row)
     return rows
-
-
-def jsonable(value):
-    """``value`` with NaN/inf floats replaced by ``None`` (strict JSON) and tuples as lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 def evaluate(
@@ -419,9 +386,3 @@ def evaluate(
         "seconds": run.seconds,
     }
     return jsonable(out)
-
-
-def save_results(results: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write results as strict JSON (no NaN)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(jsonable(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")

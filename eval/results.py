@@ -1,0 +1,246 @@
+"""The results-row schema: what each key of a summary row means, the region methods, one table renderer.
+
+Every evaluation (``eval.runner.evaluate``, ``cloc-eval``, the demo's ``report.json``) summarises a
+model as a list of ROWS, one per region method. A row holds every key of :data:`ROW_KEYS` plus
+``region_<attribute>_acc`` for each class attribute of the data (:func:`attribute_key`; on the
+synthetic scenes ``region_colour_acc`` and ``region_shape_acc``). Metric values are **percentages
+(0-100)**; ``None`` where the method has no such output or the task did not run.
+
+=====================  ==================================================================
+``name``               the region method (:data:`METHODS`)
+``model``              the evaluated model's name, or ``None``
+``region_macc``        region recognition, mean per-class accuracy (GT boxes, plain class names)
+``region_acc``         region recognition, overall accuracy
+``region_r2t_r10``     region -> phrase recall@10;  ``region_t2r_r10``: phrase -> region
+``image_i2t_r1``       image -> caption recall@1;  ``image_t2i_r1``: caption -> image
+``zeroshot_top1``      zero-shot classification top-1 (single-object images, class names)
+``rec_acc50``          REC Acc@0.5 by ranking the image's GT boxes with this method's regions
+``rec_head_acc50``     REC Acc@0.5 of the box head (``"cloc"`` row of a model with a box head)
+=====================  ==================================================================
+
+:data:`FIELDS` holds the same table as data (column title, meaning, and the task and metric ids a
+Hugging Face ``model-index`` files it under), so the reports (``eval.report``) and the model cards
+(``model_cards``) read the keys from here instead of each keeping a list. Image-level numbers
+(``image_*``, ``zeroshot_top1``) do not depend on the region method: every row of one model carries
+the same values.
+
+    from eval.results import load_results, markdown_table, summary_columns
+    rows = load_results("results.json")["rows"]
+    print(markdown_table(rows, summary_columns(rows)))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# --- region methods ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """A region method: how a box becomes an embedding (``eval.baselines`` implements each)."""
+
+    name: str  # the id in rows, ``--methods`` and ``eval.baselines.REGION_METHODS``
+    label: str  # short display name
+    description: str  # one line: what the method encodes
+
+
+METHOD_SPECS: tuple[Method, ...] = (
+    Method("cloc", "CLOC Prompter", "region embeddings from this model's Prompter (box prompts)"),
+    Method("clip-crop", "CLIP crop-and-encode", "each box cropped and encoded as an image (crop-and-encode)"),
+    Method("clip-maskbg", "CLIP masked background", "the whole image with everything outside the box greyed out"),
+    Method("clip-roi", "CLIP RoI-Align", "patch tokens RoI-pooled inside the box"),
+)
+METHODS: tuple[str, ...] = tuple(m.name for m in METHOD_SPECS)
+CLIP_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m.startswith("clip-"))  # baselines on any encoder
+
+
+def method_spec(name: str) -> Method:
+    """The :class:`Method` called ``name``; ``ValueError`` naming the known ones otherwise."""
+    for method in METHOD_SPECS:
+        if method.name == name:
+            return method
+    raise ValueError(f"unknown region method {name!r}; expected one of {', '.join(METHODS)}")
+
+
+# --- row keys -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubTask:
+    """A Hugging Face ``model-index`` task. The Hub groups results by task type + dataset and keeps the
+    first task name, so every field of one task shares both."""
+
+    type: str
+    name: str
+
+
+REGION_RECOGNITION = HubTask("image-classification", "Region recognition (ground-truth boxes, class-name texts)")
+REGION_RETRIEVAL = HubTask("region-text-retrieval", "Region-text retrieval")
+IMAGE_RETRIEVAL = HubTask("image-text-retrieval", "Image-text retrieval")
+ZERO_SHOT = HubTask("zero-shot-image-classification", "Zero-shot image classification")
+REC = HubTask("referring-expression-comprehension", "Referring expression comprehension")
+
+
+@dataclass(frozen=True)
+class RowField:
+    """One key of a results row. ``task is None`` for the keys that name the row (``name``, ``model``);
+    the others are metrics in percent, filed in a ``model-index`` as ``task`` / ``metric_*``."""
+
+    key: str
+    title: str  # table column title
+    meaning: str
+    task: HubTask | None = None
+    metric_type: str | None = None
+    metric_name: str | None = None
+    metric_config: str | None = None
+    metric_args: Mapping[str, Any] | None = None
+
+    @property
+    def is_metric(self) -> bool:
+        return self.task is not None
+
+
+_IOU50 = {"iou_threshold": 0.5}
+FIELDS: tuple[RowField, ...] = (
+    RowField("name", "method", "the region method (one of METHODS)"),
+    RowField("model", "model", "the evaluated model's name"),
+    RowField("region_macc", "region mAcc", "region recognition, mean per-class accuracy",
+             REGION_RECOGNITION, "mean_per_class_accuracy", "Region mAcc"),
+    RowField("region_acc", "region acc", "region recognition, accuracy over all boxes",
+             REGION_RECOGNITION, "accuracy", "Region accuracy (all boxes)"),
+    RowField("region_r2t_r10", "region→text R@10", "region -> phrase recall@10",
+             REGION_RETRIEVAL, "recall@10", "Region→text R@10", "region-to-text"),
+    RowField("region_t2r_r10", "text→region R@10", "phrase -> region recall@10",
+             REGION_RETRIEVAL, "recall@10", "Text→region R@10", "text-to-region"),
+    RowField("image_i2t_r1", "image→text R@1", "image -> caption recall@1",
+             IMAGE_RETRIEVAL, "recall@1", "Image→text R@1", "image-to-text"),
+    RowField("image_t2i_r1", "text→image R@1", "caption -> image recall@1",
+             IMAGE_RETRIEVAL, "recall@1", "Text→image R@1", "text-to-image"),
+    RowField("zeroshot_top1", "zero-shot top-1", "zero-shot classification top-1 of single-object images",
+             ZERO_SHOT, "accuracy", "Zero-shot top-1 accuracy"),
+    RowField("rec_acc50", "REC Acc@0.5 (ranking)", "REC Acc@0.5, ranking the image's GT boxes by region-text similarity",
+             REC, "accuracy", "REC Acc@0.5, ranking ground-truth boxes", "ranking", _IOU50),
+    RowField("rec_head_acc50", "REC Acc@0.5 (box head)", "REC Acc@0.5 of the box head's predicted box",
+             REC, "accuracy", "REC Acc@0.5, box head", "box-head", _IOU50),
+)
+ROW_KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS)
+ID_KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS if not f.is_metric)  # keys naming the row
+_FIELDS_BY_KEY = {f.key: f for f in FIELDS}
+_ATTR_PREFIX, _ATTR_SUFFIX = "region_", "_acc"
+
+
+def attribute_key(attribute: str) -> str:
+    """The row key of region accuracy on one class attribute: ``"shape"`` -> ``"region_shape_acc"``."""
+    return f"{_ATTR_PREFIX}{attribute}{_ATTR_SUFFIX}"
+
+
+def _attribute_of(key: str) -> str | None:
+    if key in _FIELDS_BY_KEY or not (key.startswith(_ATTR_PREFIX) and key.endswith(_ATTR_SUFFIX)):
+        return None
+    return key[len(_ATTR_PREFIX) : -len(_ATTR_SUFFIX)] or None
+
+
+def field_for(key: str) -> RowField | None:
+    """The :class:`RowField` of a row key, per-attribute ``region_<attr>_acc`` included; ``None`` for a
+    key outside the schema (callers may add their own columns, e.g. the demo's ``paper_sign``)."""
+    if key in _FIELDS_BY_KEY:
+        return _FIELDS_BY_KEY[key]
+    attr = _attribute_of(key)
+    if attr is None:
+        return None
+    return RowField(key, f"{attr} acc", f"region recognition, accuracy on the {attr} attribute",
+                    REGION_RECOGNITION, "accuracy", f"Region {attr} accuracy", attr)
+
+
+def empty_row(name: str, model: str | None = None) -> dict[str, Any]:
+    """A row of method ``name`` with every :data:`ROW_KEYS` metric ``None`` (to be filled in)."""
+    row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+    row.update(name=name, model=model)
+    return row
+
+
+def summary_columns(rows: Sequence[Mapping[str, Any]], *, extra: bool = True) -> list[str]:
+    """The columns of a summary table: :data:`ROW_KEYS` order, attribute accuracies after
+    ``region_acc``, keys outside the schema last (only with ``extra``); columns empty in every row are
+    left out, ``name`` always stays."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    attrs = [k for k in keys if _attribute_of(k) is not None]
+    others = [k for k in keys if k not in ROW_KEYS and k not in attrs] if extra else []
+    ordered: list[str] = []
+    for key in ROW_KEYS:
+        ordered.append(key)
+        if key == "region_acc":
+            ordered += attrs
+    ordered += others
+    return [k for k in ordered if k == "name" or any(row.get(k) is not None for row in rows)]
+
+
+def metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The metric keys measured in at least one row, in :func:`summary_columns` order."""
+    return [k for k in summary_columns(rows, extra=False) if k not in ID_KEYS]
+
+
+# --- rendering ------------------------------------------------------------------------------------------
+
+
+def column_title(key: str) -> str:
+    """The table title of a row key (the key itself outside the schema)."""
+    spec = field_for(key)
+    return spec.title if spec is not None else key
+
+
+def format_value(value: Any) -> str:
+    """A table cell: ``-`` for ``None`` and NaN/inf, one decimal for floats, ``|`` escaped in text."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], titles: Mapping[str, str] | None = None
+) -> str:
+    """A markdown table of ``rows`` with ``columns`` (titles from the schema unless ``titles`` names them)."""
+    titles = titles or {}
+    head = [titles.get(c, column_title(c)) for c in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(format_value(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- results files --------------------------------------------------------------------------------------
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with NaN/inf floats replaced by ``None`` (strict JSON) and tuples as lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def save_results(results: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write results (``{"rows": [...], ...}``) as strict JSON (NaN written as ``null``)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(jsonable(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a results file; ``ValueError`` naming the file when it holds no ``rows`` list."""
+    results = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
+        raise ValueError(f"{path} is not a results file: it has no 'rows' list")
+    return results
