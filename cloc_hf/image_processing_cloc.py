@@ -11,27 +11,13 @@ Resize modes
 resize to ``size``. Nothing is cut off. ``"center_crop"``: CLIP's preprocessing, shortest edge to
 ``size`` then a centre crop; boxes entirely outside the crop raise.
 
-Input images
-------------
-PIL images of any mode, numpy arrays (channels-last ``(H, W)``, ``(H, W, C)``; a clearly
-channels-first ``(1|3, H, W)`` is accepted too), torch tensors (channels-first ``(C, H, W)``, ``(H, W)``;
-a clearly channels-last ``(H, W, 1|3)`` is accepted too), file paths and raw file bytes. A 4-D array
-or tensor is a batch. Pixel values are reduced to 8-bit RGB before resizing, as CLIP does:
-
-* ``uint8`` as is; ``uint16``, PIL ``"I;16*"`` and ``"I"`` are 16-bit data and scaled by 255/65535;
-  other integer types must hold 0..255; ``bool`` is 0/255; floats (and PIL ``"F"``) must lie in [0, 1].
-* Grayscale is replicated to 3 channels; palette, CMYK, YCbCr... go through PIL's conversion.
-* Transparency (RGBA, LA, palette or grayscale with a transparent colour) is composited onto white,
-  the same choice as transformers' ``convert_rgb``; dropping alpha would expose whatever colour the
-  encoder left under transparent pixels (often black).
-
-Anything else raises ``ValueError`` naming the offending ``images[i]``.
+Input images are whatever :func:`cloc_hf.image_inputs.load_rgb_image` accepts (PIL, numpy, torch,
+paths, file bytes); a 4-D array or tensor is a batch. Bad inputs raise ``ValueError`` naming
+``images[i]``, ``boxes[i][j]`` or ``points[i][j]``.
 """
 
 from __future__ import annotations
 
-import io
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,22 +25,20 @@ import PIL.Image
 import torch
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.image_transforms import normalize, to_channel_dimension_format
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
 from .box_ops import FrameTransform
+from .image_inputs import as_image_list, as_rows, load_rgb_image, per_image  # load_rgb_image: re-exported
 
 logger = logging.get_logger(__name__)
+CHANNELS_LAST = ChannelDimension.LAST
 
 RESIZE_MODES = ("pad", "center_crop")
-ALPHA_BACKGROUND = (255, 255, 255)
-# float pixels a hair outside [0, 1] (rounding in the caller's maths) are clipped, not rejected
-FLOAT_RANGE_TOLERANCE = 0.01
-# the settings a call to `preprocess` may override
-_SETTINGS = ("size", "resize_mode", "image_mean", "image_std", "do_normalize", "resample")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# the settings a call to `preprocess` may override (CLOCProcessor routes these keyword arguments here)
+PREPROCESS_SETTINGS = ("size", "resize_mode", "image_mean", "image_std", "do_normalize", "resample")
 # saved-config keys that are not settings (handled by transformers' mixin)
 _BOOKKEEPING_KEYS = ("auto_map", "processor_class", "feature_extractor_type")
 
@@ -169,37 +153,30 @@ class CLOCImageProcessor(BaseImageProcessor):
         proc = self._with_overrides(kwargs)
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-        image_list, single = _as_image_list(images)
+        image_list, single = as_image_list(images)
         rgb = [load_rgb_image(image, name=f"images[{i}]") for i, image in enumerate(image_list)]
         frames = [proc.frame_transform(*img.size) for img in rgb]
 
         data = {}
-        if boxes is not None:
-            data["boxes"] = [
-                frame.to_model(_as_rows(v, 4, f"boxes[{i}]"), name=f"boxes[{i}]")
-                for i, (frame, v) in enumerate(zip(frames, _per_image(boxes, len(rgb), single, "boxes", 4)))
-            ]
-        if points is not None:
-            data["points"] = [
-                frame.points_to_model(_as_rows(v, 2, f"points[{i}]"), name=f"points[{i}]")
-                for i, (frame, v) in enumerate(zip(frames, _per_image(points, len(rgb), single, "points", 2)))
-            ]
+        for key, values, width, to_model in (
+            ("boxes", boxes, 4, FrameTransform.to_model),
+            ("points", points, 2, FrameTransform.points_to_model),
+        ):
+            if values is not None:
+                rows = per_image(values, len(rgb), single, key, width)
+                data[key] = [
+                    to_model(frame, as_rows(v, width, f"{key}[{i}]"), name=f"{key}[{i}]")
+                    for i, (frame, v) in enumerate(zip(frames, rows))
+                ]
         pixels = np.stack([proc._pixels(img, frame) for img, frame in zip(rgb, frames)])
         sizes = np.array([(img.height, img.width) for img in rgb], dtype=np.int64)
 
         if return_tensors == "pt":
-            data = {
-                "pixel_values": torch.from_numpy(pixels),
-                "original_sizes": torch.from_numpy(sizes),
-                **data,
-            }
-        else:
-            data = {
-                "pixel_values": pixels,
-                "original_sizes": sizes,
-                **{k: [t.numpy() for t in v] for k, v in data.items()},
-            }
-        return BatchFeature(data=data)
+            return BatchFeature(
+                {"pixel_values": torch.from_numpy(pixels), "original_sizes": torch.from_numpy(sizes), **data}
+            )
+        data = {k: [t.numpy() for t in v] for k, v in data.items()}
+        return BatchFeature({"pixel_values": pixels, "original_sizes": sizes, **data})
 
     def _pixels(self, image: PIL.Image.Image, frame: FrameTransform) -> np.ndarray:
         """``(3, size, size)`` float32 pixels of one RGB image, laid out by ``frame``."""
@@ -218,21 +195,19 @@ class CLOCImageProcessor(BaseImageProcessor):
             image = image.crop((left, top, left + size, top + size))
         pixels = np.asarray(image, dtype=np.float32) / 255.0
         if self.do_normalize:
-            pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(
-                self.image_std, np.float32
-            )
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+            pixels = normalize(pixels, self.image_mean, self.image_std, input_data_format=CHANNELS_LAST)
+        return np.ascontiguousarray(to_channel_dimension_format(pixels, "channels_first", CHANNELS_LAST))
 
     def _with_overrides(self, overrides: dict) -> CLOCImageProcessor:
-        unknown = sorted(set(overrides) - set(_SETTINGS))
+        unknown = sorted(set(overrides) - set(PREPROCESS_SETTINGS))
         if unknown:
             raise TypeError(
-                f"preprocess() got unexpected keyword arguments {unknown}; it accepts {_SETTINGS}"
+                f"preprocess() got unexpected keyword arguments {unknown}; it accepts {PREPROCESS_SETTINGS}"
             )
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if not overrides:
             return self
-        return type(self)(**{**{k: getattr(self, k) for k in _SETTINGS}, **overrides})
+        return type(self)(**{**{k: getattr(self, k) for k in PREPROCESS_SETTINGS}, **overrides})
 
     # --- post-processing -------------------------------------------------------------------------
     def post_process_boxes(self, boxes, original_sizes) -> list[torch.Tensor]:
@@ -276,187 +251,3 @@ def _channel_stats(values, name: str) -> list[float]:
     if len(values) != 3:
         raise ValueError(f"{name} needs one value per RGB channel, got {values}")
     return values
-
-
-# --- images --------------------------------------------------------------------------------------
-def _as_image_list(images) -> tuple[list, bool]:
-    """``(list of images, whether a single image was passed)``; 4-D arrays/tensors are batches."""
-    if images is None:
-        raise ValueError("images must be given")
-    if isinstance(images, (list, tuple)):
-        if len(images) == 0:
-            raise ValueError("images is an empty list")
-        return list(images), False
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        if len(images) == 0:
-            raise ValueError(f"images is an empty batch of shape {tuple(images.shape)}")
-        return list(images), False
-    return [images], True
-
-
-def load_rgb_image(image, name: str = "image") -> PIL.Image.Image:
-    """Any accepted image input -> 8-bit RGB PIL image (rules in the module docstring)."""
-    if isinstance(image, (str, os.PathLike)):
-        if not os.path.isfile(image):
-            raise ValueError(f"{name}: {str(image)[:200]!r} is not an image file (or an image object)")
-        try:
-            with PIL.Image.open(image) as opened:
-                opened.load()
-                return _pil_to_rgb(opened, name)
-        except (OSError, PIL.Image.DecompressionBombError) as err:
-            raise ValueError(f"{name}: cannot read image file {str(image)!r}: {err}") from err
-    if isinstance(image, (bytes, bytearray)):
-        try:
-            with PIL.Image.open(io.BytesIO(image)) as opened:
-                opened.load()
-                return _pil_to_rgb(opened, name)
-        except OSError as err:
-            raise ValueError(f"{name}: bytes are not a readable image file: {err}") from err
-    if isinstance(image, PIL.Image.Image):
-        if image.width < 1 or image.height < 1:
-            raise ValueError(f"{name}: empty image of size {image.size}")
-        return _pil_to_rgb(image, name)
-    if isinstance(image, torch.Tensor):
-        tensor = image.detach().cpu()
-        if tensor.is_floating_point() and tensor.dtype != torch.float64:
-            tensor = tensor.float()  # numpy has no bfloat16
-        return _array_to_rgb(tensor.numpy(), channels_first=True, name=name)
-    if isinstance(image, np.ndarray):
-        return _array_to_rgb(image, channels_first=False, name=name)
-    raise ValueError(
-        f"{name} has unsupported type {type(image).__name__}; expected a PIL image, numpy array, "
-        "torch tensor, file path or file bytes"
-    )
-
-
-def _pil_to_rgb(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in _SIXTEEN_BIT_MODES or mode == "F":
-        gray = _to_uint8(np.asarray(image), name, sixteen_bit=mode != "F")
-        return PIL.Image.fromarray(gray).convert("RGB")
-    has_alpha = mode in _ALPHA_MODES or "transparency" in image.info
-    try:
-        if has_alpha:
-            rgba = image.convert("RGBA")
-            background = PIL.Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
-            return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{name}: cannot convert a PIL image of mode {mode!r} to RGB: {err}") from err
-
-
-def _array_to_rgb(array: np.ndarray, channels_first: bool, name: str) -> PIL.Image.Image:
-    """numpy/torch pixels -> RGB PIL image. ``channels_first`` is the layout preferred when ambiguous."""
-    shape = tuple(array.shape)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    elif array.ndim == 3:
-        # the layout native to the array type may carry RGBA; the other one only gray or RGB, so that a
-        # (4, H, W) numpy array or an (H, W, 4) tensor is rejected rather than guessed
-        first_fits = shape[0] in ((1, 3, 4) if channels_first else (1, 3))
-        last_fits = shape[-1] in ((1, 3) if channels_first else (1, 3, 4))
-        if first_fits if channels_first else first_fits and not last_fits:
-            array = array.transpose(1, 2, 0)
-        elif not last_fits:
-            layout = "(C, H, W) or (H, W)" if channels_first else "(H, W, C) or (H, W)"
-            raise ValueError(
-                f"{name}: array of shape {shape} is not an image; expected {layout} with C in (1, 3, 4) "
-                "(4 = RGBA, only in that layout)"
-            )
-    else:
-        hint = "; pass a 4-D batch as `images` itself, not inside a list" if array.ndim == 4 else ""
-        raise ValueError(f"{name}: array of shape {shape} is not an image (need 2 or 3 dimensions){hint}")
-    if 0 in array.shape:
-        raise ValueError(f"{name}: empty image of shape {shape}")
-    sixteen_bit = array.dtype.kind == "u" and array.dtype.itemsize == 2
-    pixels = _to_uint8(array, name, sixteen_bit=sixteen_bit)
-    channels = pixels.shape[-1]
-    if channels == 1:
-        return PIL.Image.fromarray(np.ascontiguousarray(pixels[:, :, 0])).convert("RGB")
-    if channels == 3:
-        return PIL.Image.fromarray(np.ascontiguousarray(pixels))
-    return _pil_to_rgb(PIL.Image.fromarray(np.ascontiguousarray(pixels)), name)
-
-
-def _to_uint8(array: np.ndarray, name: str, sixteen_bit: bool) -> np.ndarray:
-    """Pixel values of any dtype -> uint8 (rules in the module docstring)."""
-    dtype = array.dtype
-    if dtype == np.uint8:
-        return array
-    if dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    if np.issubdtype(dtype, np.floating):
-        array = array.astype(np.float32)
-        if not np.isfinite(array).all():
-            raise ValueError(f"{name}: float image contains NaN or inf")
-        low, high = float(array.min()), float(array.max())
-        if low < -FLOAT_RANGE_TOLERANCE or high > 1 + FLOAT_RANGE_TOLERANCE:
-            raise ValueError(
-                f"{name}: float pixels must lie in [0, 1], got range [{low:.4g}, {high:.4g}]; "
-                "pass uint8 for 0..255 data, and never already-normalised pixels"
-            )
-        return np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
-    if np.issubdtype(dtype, np.integer):
-        low, high = int(array.min()), int(array.max())
-        limit = 65535 if sixteen_bit else 255
-        if low < 0 or high > limit:
-            kind = "16-bit" if sixteen_bit else "8-bit (use uint16 for 16-bit data)"
-            raise ValueError(f"{name}: {kind} integer pixels must lie in [0, {limit}], got [{low}, {high}]")
-        if sixteen_bit:
-            return np.round(array.astype(np.float64) * (255 / 65535)).astype(np.uint8)
-        return array.astype(np.uint8)
-    raise ValueError(f"{name}: unsupported pixel dtype {dtype}")
-
-
-# --- boxes and points ----------------------------------------------------------------------------
-def _numeric_or_none(values) -> np.ndarray | None:
-    try:
-        return np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-
-
-def _per_image(values, num_images: int, single: bool, name: str, width: int) -> list:
-    """Split ``boxes`` / ``points`` into one entry per image, checking the count."""
-    if single:
-        # a single image may take its (n, width) rows directly
-        array = _numeric_or_none(values)
-        if array is not None and (
-            (array.ndim == 2 and array.shape[1] == width) or (array.ndim == 1 and array.size == 0)
-        ):
-            return [values]
-    if isinstance(values, (np.ndarray, torch.Tensor)):
-        if values.ndim != 3:
-            raise ValueError(
-                f"{name}: a {name} array must have shape (B, n, {width}), got {tuple(values.shape)}; "
-                f"or pass a list with one (n_i, {width}) array per image"
-            )
-        values = list(values)
-    if not isinstance(values, (list, tuple)):
-        raise ValueError(
-            f"{name} must be a list with one (n_i, {width}) array per image, got {type(values).__name__}"
-        )
-    if len(values) != num_images:
-        raise ValueError(
-            f"got {len(values)} {name} entries for {num_images} images; pass one (n_i, {width}) array per "
-            "image (None or empty for an image without any)"
-        )
-    return list(values)
-
-
-def _as_rows(values, width: int, name: str) -> torch.Tensor:
-    """One image's boxes/points -> float32 ``(n, width)`` tensor (``None``/empty -> ``(0, width)``)."""
-    if values is None:
-        return torch.zeros(0, width)
-    if isinstance(values, torch.Tensor):
-        tensor = values.detach().cpu().float()
-    else:
-        array = _numeric_or_none(values)
-        if array is None:
-            raise ValueError(f"{name} is not numeric: {str(values)[:100]}")
-        tensor = torch.from_numpy(array.astype(np.float32))
-    if tensor.numel() == 0:
-        return tensor.reshape(0, width)
-    return tensor

@@ -15,8 +15,7 @@ from __future__ import annotations
 from transformers import AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .image_processing_cloc import _SETTINGS as IMAGE_SETTINGS
-from .image_processing_cloc import CLOCImageProcessor
+from .image_processing_cloc import PREPROCESS_SETTINGS, CLOCImageProcessor
 from .tokenization import build_clip_tokenizer
 
 
@@ -74,7 +73,7 @@ class CLOCProcessor(ProcessorMixin):
             raise ValueError("CLOCProcessor needs images, text or both")
         if images is None and (boxes is not None or points is not None):
             raise ValueError("boxes and points are given in image pixels: pass the images they belong to")
-        image_kwargs = {k: kwargs.pop(k) for k in IMAGE_SETTINGS if k in kwargs}
+        image_kwargs = {k: kwargs.pop(k) for k in PREPROCESS_SETTINGS if k in kwargs}
         data = {}
         if images is not None:
             data.update(
@@ -109,7 +108,7 @@ class CLOCProcessor(ProcessorMixin):
         works before (and without) any auto-class registration.
         """
         kwargs.pop("trust_remote_code", None)  # passed by AutoProcessor; nothing here is remote code
-        image_kwargs = {k: kwargs.pop(k) for k in IMAGE_SETTINGS if k in kwargs}
+        image_kwargs = {k: kwargs.pop(k) for k in PREPROCESS_SETTINGS if k in kwargs}
         image_processor = CLOCImageProcessor.from_pretrained(
             pretrained_model_name_or_path, **kwargs, **image_kwargs
         )
