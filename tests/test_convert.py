@@ -1,8 +1,11 @@
 """Conversion of CLIP checkpoints (Hugging Face CLIPModel, open_clip state dicts) into CLOC models."""
 
 import argparse
+import ast
+import importlib
 import importlib.util
 import json
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +91,7 @@ def test_hf_clip_converts_with_exact_parity(clip_dir, clip_model):
     # the towers' configs are CLIP's, field for field; the Prompter is new and has the ViT's width
     for tower in ("text_config", "vision_config"):
         ours, theirs = getattr(cloc.config, tower), getattr(clip_model.config, tower)
-        for name in convert._tower_fields(type(theirs)):  # every CLIP field; CLOC-only extras keep defaults
+        for name in convert.common.tower_fields(type(theirs)):  # every CLIP field; CLOC-only extras keep defaults
             if name == "projection_dim":  # CLIPConfig leaves the towers' copy at its default; CLOC syncs it
                 continue
             assert getattr(ours, name) == getattr(theirs, name), (tower, name)
@@ -190,7 +193,7 @@ def test_cli_refuses_to_save_when_parity_fails(clip_dir, tmp_path, monkeypatch, 
             model.text_projection.weight.mul_(1.01)
         return model
 
-    monkeypatch.setattr(convert, "cloc_from_clip_model", corrupted)
+    monkeypatch.setattr(convert.hf_clip, "cloc_from_clip_model", corrupted)  # where the CLI's HF path looks it up
     out = tmp_path / "cloc"
     assert convert.main(["--from-hf-clip", str(clip_dir), "--out", str(out)]) == 1
     assert "parity check failed" in capsys.readouterr().err
@@ -205,6 +208,49 @@ def test_cli_refuses_non_empty_output_and_bad_arguments(clip_dir, tmp_path, caps
         convert.main(["--from-open-clip", "x.safetensors", "--out", str(tmp_path / "o")])  # no config
     with pytest.raises(SystemExit):
         convert.main(["--from-hf-clip", str(clip_dir), "--from-open-clip", "x", "--out", "o"])
+
+
+def test_image_statistics_come_from_either_processor_config_layout(tmp_path):
+    """transformers' own lookup reads a flat ``preprocessor_config.json`` or a nested ``processor_config.json``."""
+    stats = {"image_mean": IMAGE_MEAN, "image_std": IMAGE_STD}
+    flat, nested, empty = tmp_path / "flat", tmp_path / "nested", tmp_path / "empty"
+    for path in (flat, nested, empty):
+        path.mkdir()
+    (flat / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor", **stats}))
+    (nested / "processor_config.json").write_text(json.dumps({"image_processor": stats}))
+    assert convert.processor.source_image_stats(flat) == stats
+    assert convert.processor.source_image_stats(nested) == stats
+    assert convert.processor.source_image_stats(empty) == {}
+
+
+def test_cli_entry_points_reach_main(tmp_path, monkeypatch, capsys):
+    """``cloc-convert`` (pyproject) and ``python -m cloc_hf.convert`` both run the package's ``main``."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    scripts = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["cloc-convert"].partition(":")
+    assert getattr(importlib.import_module(module), name) is convert.main
+    monkeypatch.setattr("sys.argv", ["cloc-convert", "--from-open-clip", "x", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("cloc_hf.convert", run_name="__main__")
+    assert exit_info.value.code == 2 and "--from-open-clip needs --open-clip-config" in capsys.readouterr().err
+
+
+def test_model_modules_never_import_the_converter():
+    """``save_pretrained`` copies the model's modules and their relative imports for ``trust_remote_code``
+    users: none of them may pull the converter (and its open_clip and CLI code) in."""
+    root = Path(cloc_hf.__file__).parent
+    offenders = []
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{'.' * node.level}{node.module or ''}"] + [f"{node.module or ''}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n.lstrip(".").split(".")[0] == "convert" or n.startswith("cloc_hf.convert") for n in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, offenders
 
 
 def test_default_tokenizer_must_fit_the_text_vocabulary(clip_model):
@@ -304,6 +350,21 @@ def test_open_clip_eos_pooling_variant(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ConversionError, match="eos_token_id=513 differs from the text tower's eos_token_id=1"):
         convert.build_processor(cloc.config, tokenizer=tmp_path)
+
+
+def test_open_clip_config_is_read_once_for_model_and_reference(clip_model):
+    """The converted config and the parity reference take heads and layer-norm eps from one reading."""
+    cfg = _with(open_clip_cfg(), "vision_cfg", norm_kwargs={"eps": 1e-6}, head_width=8)
+    cfg = _with(cfg, "text_cfg", norm_kwargs={"eps": 2e-6})
+    settings = convert.read_open_clip_config(cfg)
+    config = convert.cloc_config_from_open_clip(cfg)
+    reference = convert.OpenCLIPReference(hf_to_open_clip(clip_model.state_dict()), cfg)
+    assert (settings.vision.heads, settings.vision.eps, settings.text.eps) == (4, 1e-6, 2e-6)
+    assert (config.vision_config.num_attention_heads, config.vision_config.layer_norm_eps) == (4, 1e-6)
+    assert config.text_config.layer_norm_eps == 2e-6
+    assert (reference.vision, reference.text) == (settings.vision, settings.text)
+    with pytest.raises(ConversionError, match="width=32 is not a multiple of head_width=12"):
+        convert.OpenCLIPReference(hf_to_open_clip(clip_model.state_dict()), _with(cfg, "vision_cfg", head_width=12))
 
 
 def test_open_clip_file_formats(clip_model, tmp_path):
