@@ -5,9 +5,11 @@ Convert (one CPU process; run several on disjoint inputs to go faster)::
     cloc-data convert --format coco --input annotations/instances_val2017.json --images coco/ --out shards/coco_val
     cloc-data convert --format lvis --input lvis_v1_val.json --images coco/ --out shards/lvis_val
     cloc-data convert --format refcoco --input refer/refcoco --split val --images coco/train2014 --out shards/refcoco_val
+    cloc-data convert --format refcoco --input refer/refcoco --split train --images coco/train2014 --out shards/refcoco_train
     cloc-data convert --format refcoco --input RefCOCO/data/val-00000-of-00004.parquet --split val --out shards/rc
     cloc-data convert --format vg --input region_descriptions.json --image-data image_data.json --images VG/ --out shards/vg
     cloc-data convert --format flickr30k --input flickr30k_entities/ --split test --images flickr30k-images/ --out shards/f30k
+    cloc-data convert --format grit --input grit_img2dataset/ --out shards/grit      # img2dataset's .tar shards
     cloc-data convert --format grit --input grit-20m/ --annotations-only --out shards/grit_ann --max-samples 1000
 
 Summarise::
@@ -22,7 +24,15 @@ and counted as ``missing_image``, unless ``--annotations-only``: then it is writ
 image (``KEY.txt`` + ``KEY.json``), except when its size is unknown (``unknown_size``).
 
 Every skipped record/region is counted; the report is printed at the end and saved as
-``OUT/conversion_report.json``.
+``OUT/conversion_report.json``. A conversion that writes no sample at all is an error.
+
+RefCOCO needs ``--split``: REC is evaluated on its val/testA/testB/test expressions, so a training
+shard must be built with ``--split train``; ``--split all`` keeps every split (with a warning) and
+each sample records its split in ``meta["split"]``, which the pretraining loader checks.
+
+Errors: one line ``cloc-data: error: <file>: <what happened and what to do>``; exit status 2 for a
+wrong command line (argparse's convention: flags, paths that do not exist, a file of the wrong kind
+for ``--format``), 1 for input that cannot be used (see :mod:`cloc_data.cli_errors`).
 """
 
 from __future__ import annotations
@@ -40,8 +50,17 @@ from typing import Any
 
 from PIL import Image
 
+from cloc_data.cli_errors import (
+    EXIT_USAGE,
+    CLIError,
+    check_convert_inputs,
+    error_from_exception,
+    known_errors,
+    no_samples_error,
+)
 from cloc_data.converters import (
     FORMATS,
+    REFCOCO_SPLITS,
     SIZE_UNKNOWN,
     ImageResolver,
     iter_coco_instances,
@@ -64,8 +83,13 @@ logger = logging.getLogger("cloc-data")
 
 REPORT_NAME = "conversion_report.json"
 # --split / --per are meaningful only for some formats; anything else is a user mistake
-_SPLIT_FORMATS = ("refcoco", "flickr30k")
+_SPLITS = {"refcoco": (*REFCOCO_SPLITS, "all"), "flickr30k": ("train", "val", "test", "all")}
 _PER_CHOICES = {"refcoco": ("ref", "image"), "flickr30k": ("image", "sentence")}
+ALL_SPLITS_WARNING = (
+    "cloc-data: warning: --split all keeps RefCOCO's val/testA/testB/test expressions, which REC is "
+    "evaluated on; each sample records its split in meta['split'] and cloc-pretrain refuses evaluation "
+    "splits unless allow_eval_splits is set. Use --split train for training shards."
+)
 
 
 # --- convert --------------------------------------------------------------------------------------
@@ -73,10 +97,16 @@ _PER_CHOICES = {"refcoco": ("ref", "image"), "flickr30k": ("image", "sentence")}
 
 def _single_input(args: argparse.Namespace) -> str:
     if len(args.input) != 1:
-        raise SystemExit(
-            f"cloc-data: --format {args.format} takes exactly one --input, got {len(args.input)}"
-        )
+        raise CLIError(
+            " ".join(args.input), f"--format {args.format} takes exactly one --input, got {len(args.input)}",
+            EXIT_USAGE,
+        )  # fmt: skip
     return args.input[0]
+
+
+def _split(args: argparse.Namespace) -> str | None:
+    """The converter's ``split``: ``None`` keeps every split (``--split all``, or none given)."""
+    return None if args.split in (None, "all") else args.split
 
 
 def build_source(args: argparse.Namespace, skipped: SkipCounter) -> Iterator[RegionSample]:
@@ -88,11 +118,11 @@ def build_source(args: argparse.Namespace, skipped: SkipCounter) -> Iterator[Reg
         return iter_visual_genome(_single_input(args), skipped, image_data=args.image_data)
     if fmt == "refcoco":
         return iter_refcoco(
-            args.input, skipped, split=args.split, per=args.per or "ref", instances=args.instances
+            args.input, skipped, split=_split(args), per=args.per or "ref", instances=args.instances
         )
     if fmt == "flickr30k":
         return iter_flickr30k(
-            _single_input(args), skipped, split=args.split, boxes=args.flickr_boxes, per=args.per or "image"
+            _single_input(args), skipped, split=_split(args), boxes=args.flickr_boxes, per=args.per or "image"
         )
     if fmt in ("coco", "lvis"):
         return (s for path in args.input for s in iter_coco_instances(path, skipped, lvis=fmt == "lvis"))
@@ -138,7 +168,11 @@ def attach_image(
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
-    """Run one conversion; returns the report (also written to ``OUT/conversion_report.json``)."""
+    """Run one conversion; returns the report (also written to ``OUT/conversion_report.json``).
+
+    Raises :class:`~cloc_data.cli_errors.CLIError` when no sample at all was written (after
+    writing the report), so that a wrong input never passes as an empty success.
+    """
     skipped = SkipCounter("records", max_logged_per_reason=args.log_skips)
     resolver = ImageResolver(args.images) if args.images else None
     written = with_image = regions = 0
@@ -179,6 +213,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         f"wrote {written} samples ({with_image} with images, {regions} regions) in {len(writer.shard_paths)} shards"
     )
     print(skipped.report())
+    if not written:
+        raise no_samples_error(args.format, list(args.input), skipped, args.split)
     return report
 
 
@@ -192,6 +228,7 @@ def shard_stats(path: str, decode_images: bool = False) -> dict[str, Any]:
     per_image: list[int] = []
     sources: Counter[str] = Counter()
     datasets: Counter[str] = Counter()
+    splits: Counter[str] = Counter()
     with_image = 0
     for sample in iter_shard_samples(
         paths, decode_images=decode_images, skipped=skipped, require_image=False
@@ -199,6 +236,7 @@ def shard_stats(path: str, decode_images: bool = False) -> dict[str, Any]:
         per_image.append(len(sample.regions))
         with_image += sample.image is not None
         datasets[str(sample.meta.get("dataset"))] += 1
+        splits[str(sample.meta.get("split"))] += 1
         sources.update(str(r.source) for r in sample.regions)
     stats: dict[str, Any] = {
         "shards": len(paths),
@@ -212,6 +250,7 @@ def shard_stats(path: str, decode_images: bool = False) -> dict[str, Any]:
             "max": max(per_image, default=0),
         },
         "datasets": dict(datasets),
+        "splits": dict(splits),
         "region_sources": dict(sources),
         "skipped": skipped.as_dict(),
     }
@@ -219,6 +258,20 @@ def shard_stats(path: str, decode_images: bool = False) -> dict[str, Any]:
     if report.is_file():
         stats["conversion_skipped"] = json.loads(report.read_text()).get("skipped", {})
     return stats
+
+
+def _stats(args: argparse.Namespace) -> None:
+    """``cloc-data stats``: print the JSON; a path without shards or readable samples is an error."""
+    if not list_shards(args.path):  # FileNotFoundError for a path that does not exist
+        raise CLIError(
+            args.path, "holds no .tar shards; give the --out folder of cloc-data convert", EXIT_USAGE
+        )
+    stats = shard_stats(args.path, decode_images=args.decode)
+    print(json.dumps(stats, indent=2))
+    if not stats["samples"]:
+        raise CLIError(
+            args.path, f"no readable samples in its shards (skipped: {stats['skipped']}); convert again"
+        )
 
 
 # --- argument parsing -----------------------------------------------------------------------------
@@ -233,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--input", required=True, nargs="+", help="annotation file(s) or folder (see docs)")
     conv.add_argument("--out", required=True, help="output folder for the shards")
     conv.add_argument("--images", help="image root folder; meta['image_path'] is looked up under it")
-    conv.add_argument("--split", help="refcoco: val/testA/testB/test/train; flickr30k: train/val/test")
+    conv.add_argument(
+        "--split",
+        help="refcoco (required): train | val | testA | testB | test | all; flickr30k: train | val | test | all",
+    )
     conv.add_argument("--max-samples", type=int, help="stop after writing this many samples")
     conv.add_argument(
         "--annotations-only",
@@ -267,8 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.split is not None and args.format not in _SPLIT_FORMATS:
-        parser.error(f"--split is not used by --format {args.format} (only {', '.join(_SPLIT_FORMATS)})")
+    """Flag combinations argparse cannot check; ``parser.error`` (exit 2) names the flag."""
+    if args.split is not None and args.format not in _SPLITS:
+        parser.error(f"--split is not used by --format {args.format} (only {', '.join(_SPLITS)})")
+    if args.split is not None and args.split not in _SPLITS[args.format]:
+        parser.error(
+            f"--split {args.split!r} is not a {args.format} split; use one of {', '.join(_SPLITS[args.format])}"
+        )
+    if args.format == "refcoco" and args.split is None:
+        parser.error(
+            "--format refcoco needs --split: train for training shards; val, testA, testB or test for "
+            "evaluation (REC is evaluated on those, so they must not reach training); all keeps every split"
+        )
     if args.per is not None and args.per not in _PER_CHOICES.get(args.format, ()):
         allowed = _PER_CHOICES.get(args.format)
         parser.error(
@@ -277,21 +343,37 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if args.max_samples is not None and args.max_samples < 1:
         parser.error("--max-samples must be >= 1")
+    if args.shard_size < 1:
+        parser.error("--shard-size must be >= 1")
+    if not args.prefix or any(c in args.prefix for c in "./\\"):
+        parser.error(f"--prefix {args.prefix!r} must be non-empty and contain no '.', '/' or '\\'")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cloc-data``; returns the exit status (0, or 1 / 2 after one ``cloc-data: error:`` line).
+
+    argparse's own errors (unknown flag, missing required flag) exit with ``SystemExit(2)`` as usual.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "convert":
-        _check_args(parser, args)
-        try:
+    paths = list(args.input) if args.command == "convert" else [args.path]
+    try:
+        if args.command == "convert":
+            _check_args(parser, args)
+            if args.split == "all" and args.format == "refcoco":
+                print(ALL_SPLITS_WARNING, file=sys.stderr)
+            check_convert_inputs(args)
             convert(args)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"cloc-data: error: {err}", file=sys.stderr)
-            return 2
-        return 0
-    print(json.dumps(shard_stats(args.path, decode_images=args.decode), indent=2))
+        else:
+            _stats(args)
+    except CLIError as err:
+        print(err.line, file=sys.stderr)
+        return err.code
+    except known_errors() as err:
+        error = error_from_exception(err, paths, args.format if args.command == "convert" else None)
+        print(error.line, file=sys.stderr)
+        return error.code
     return 0
 
 

@@ -81,11 +81,23 @@ def safe_loads(data: bytes, encoding: str = "latin1") -> Any:
 
 
 def load_pickle_file(path: str | os.PathLike, encoding: str = "latin1") -> Any:
-    """Unpickle plain data from ``path``; errors name the file."""
+    """Unpickle plain data from ``path``; errors name the file and say what to do.
+
+    Raises :class:`ForbiddenGlobalError` for a pickle that references code (nothing from it is
+    run) and ``pickle.UnpicklingError`` for anything else that is not a readable pickle (truncated,
+    not a pickle at all: a damaged pickle can fail with many exception types, all reported so).
+    """
     with open(path, "rb") as f:
         try:
             return safe_load(f, encoding=encoding)
         except ForbiddenGlobalError as err:
-            raise ForbiddenGlobalError(f"{os.fspath(path)}: {err}") from None
-        except (pickle.UnpicklingError, EOFError, ValueError) as err:
-            raise pickle.UnpicklingError(f"{os.fspath(path)}: not a readable pickle: {err!r}") from err
+            raise ForbiddenGlobalError(
+                f"{os.fspath(path)}: refused to unpickle ({err}); nothing from it was run. The refer "
+                "toolkit's refs(unc).p / refs(umd).p hold only plain data, so this file is not one of them "
+                "or has been altered: download it again from the refer release"
+            ) from None
+        except Exception as err:  # noqa: BLE001 - a damaged pickle fails with many types (EOF, Key, Index...)
+            raise pickle.UnpicklingError(
+                f"{os.fspath(path)}: not a readable pickle ({type(err).__name__}: {err}); the file is damaged "
+                "or not a pickle: download it again"
+            ) from err

@@ -124,7 +124,7 @@ def test_safe_pickle_python2_protocol2(tmp_path):
     path.write_bytes(data)
     assert load_pickle_file(path) == [{"split": "val", "ref_id": 7, "sent_ids": {1}}]
     path.write_bytes(b"\x80\x02cposix\nsystem\nq\x00.")
-    with pytest.raises(ForbiddenGlobalError, match=r"refs\(unc\)\.p: forbidden global posix\.system"):
+    with pytest.raises(ForbiddenGlobalError, match=r"refs\(unc\)\.p: refused to unpickle \(forbidden global posix\.system"):
         load_pickle_file(path)
     path.write_bytes(b"garbage")
     with pytest.raises(pickle.UnpicklingError, match="not a readable pickle"):
@@ -569,8 +569,13 @@ def test_cli_missing_images_counted_or_annotation_only(tmp_path, capsys):
     regions_path, image_data_path = vg_files(tmp_path)
     out = tmp_path / "vg"
     args = ["convert", "--format", "vg", "--input", str(regions_path), "--image-data", str(image_data_path)]
-    assert cli_main([*args, "--out", str(out)]) == 0
-    assert "missing_image: 2" in capsys.readouterr().out and list_shards(out) == []
+    assert cli_main([*args, "--out", str(out)]) == 1  # nothing written: an error, not a silent success
+    printed = capsys.readouterr()
+    assert "missing_image: 2" in printed.out and list_shards(out) == []
+    assert printed.err.strip() == (
+        f"cloc-data: error: {regions_path}: no samples written (skipped: missing_image 2, bad_record 1, "
+        "no_regions 1, region_bad_entry 1); pass --images DIR (the image root) or --annotations-only"
+    )
     # annotation-only: image 1 (known size) is kept; image 3 (unknown size) cannot be
     out2 = tmp_path / "vg_ann"
     assert cli_main([*args, "--out", str(out2), "--annotations-only"]) == 0
@@ -611,7 +616,8 @@ def test_cli_refcoco_embedded_images_and_arg_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["convert", "--format", "coco", "--input", "x.json", "--out", str(out), "--split", "val"])
     with pytest.raises(SystemExit):
-        cli_main(["convert", "--format", "refcoco", "--input", "x", "--out", str(out), "--per", "sentence"])
+        cli_main(["convert", "--format", "refcoco", "--input", "x", "--out", str(out), "--per", "sentence",
+                  "--split", "val"])  # fmt: skip
     assert (
         cli_main(["convert", "--format", "coco", "--input", str(tmp_path / "nope.json"), "--out", str(out)])
         == 2

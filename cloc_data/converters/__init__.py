@@ -18,17 +18,29 @@ from cloc_data.converters.common import (
     xywh_to_xyxy,
 )
 from cloc_data.converters.flickr30k import iter_flickr30k, parse_sentence, read_annotation
-from cloc_data.converters.grit import grit_row_to_sample, iter_grit
-from cloc_data.converters.refcoco import iter_refcoco, iter_refcoco_rows, iter_refer
+from cloc_data.converters.grit import grit_input_files, grit_row_to_sample, iter_grit
+from cloc_data.converters.refcoco import (
+    SPLITS as REFCOCO_SPLITS,
+)
+from cloc_data.converters.refcoco import (
+    SplitError,
+    iter_refcoco,
+    iter_refcoco_rows,
+    iter_refer,
+    split_from_file_name,
+)
 from cloc_data.converters.visual_genome import iter_visual_genome
 
 FORMATS = ("grit", "vg", "refcoco", "flickr30k", "coco", "lvis")
 
 __all__ = [
     "FORMATS",
+    "REFCOCO_SPLITS",
     "SIZE_UNKNOWN",
     "ImageResolver",
+    "SplitError",
     "clean_sample",
+    "grit_input_files",
     "grit_row_to_sample",
     "iter_coco_instances",
     "iter_flickr30k",
@@ -43,5 +55,6 @@ __all__ = [
     "parse_sentence",
     "read_annotation",
     "resolve_size",
+    "split_from_file_name",
     "xywh_to_xyxy",
 ]

@@ -18,15 +18,23 @@ bbox; its phrases are its sentences' ``sent`` (the refer toolkit's normalised, l
 ``per="ref"`` (default, the REC evaluation unit): one sample per ref, key ``ref{ref_id}``, one region
 per sentence (same box), sample ``meta = {ref_id, ann_id, image_id, split, category_id, sentences}``.
 ``per="image"``: one sample per image, key ``{image_id}``, regions from all its refs (one per
-sentence) with those ids in each region's ``meta``.
+sentence) with those ids in each region's ``meta``; ``meta["split"]`` is the refs' split (a sorted
+list in the rare image whose refs span several splits).
+
+**Every sample records its split** in ``meta["split"]``: REC is evaluated on the ``val``,
+``testA``, ``testB`` and ``test`` expressions, so a training shard must not hold them, and the
+pretraining loader (:mod:`cloc_data.loader`) refuses samples of those splits unless told otherwise.
 
 **Hugging Face copies** (parquet / JSON lines rows; per ref only; the layout is detected per row):
 
 * ``lmms-lab/RefCOCO*``: ``question_id``, ``image`` (embedded; ``{"bytes", "path"}`` in parquet),
   ``question`` (a fixed prompt, ignored), ``answer`` (list of referring expressions -> phrases),
   ``bbox`` (``[x, y, w, h]`` pixels), ``segmentation``, ``iscrowd``, ``file_name``. The split is
-  not in the rows (it is the parquet file's split): pass ``split``. The size comes from the
-  embedded image.
+  not in the rows; it is the file's, which its name gives on the hub (``val-00000-of-00004.parquet``,
+  ``testA-...``). A file whose name gives a split is recorded with it (``split=None`` reads every
+  file; with ``split`` a folder's files of other splits are passed over, and a file named directly
+  whose name disagrees with ``split`` is an error); otherwise ``split`` is recorded, and is required.
+  The size comes from the embedded image.
 * ``jxu124/refcoco*``: the refer fields above plus ``bbox`` (``[x, y, w, h]``; ``raw_anns["bbox"]``
   when present), ``raw_anns`` / ``raw_image_info`` (JSON strings of the COCO annotation / image; the
   latter gives ``width``/``height``), ``image_path`` (e.g. ``coco/train2014/COCO_train2014_...jpg``).
@@ -38,7 +46,9 @@ Captions are ``""`` (RefCOCO has none); region ``source`` is ``"human"``.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,6 +57,7 @@ from typing import Any
 from cloc_data.converters.common import (
     SIZE_UNKNOWN,
     clean_sample,
+    expand_inputs,
     iter_rows,
     load_json,
     make_key,
@@ -56,7 +67,30 @@ from cloc_data.format import Region, RegionSample
 from cloc_data.safe_pickle import load_pickle_file
 from cloc_data.shards import SkipCounter
 
+logger = logging.getLogger(__name__)
+
 PER_CHOICES = ("ref", "image")
+SPLITS = ("train", "val", "testA", "testB", "test")
+# hub file names start with the split: "val-00000-of-00004.parquet", "testA-00000-of-00001.parquet"
+_FILE_SPLIT = re.compile(r"(train|validation|val|testa|testb|test)[-_.]", re.IGNORECASE)
+_SPLIT_SPELLING = {
+    "train": "train",
+    "validation": "val",
+    "val": "val",
+    "testa": "testA",
+    "testb": "testB",
+    "test": "test",
+}
+
+
+class SplitError(ValueError):
+    """The split of a file's rows is unknown or contradicts the one asked for: fix the ``split`` argument."""
+
+
+def split_from_file_name(name: str) -> str | None:
+    """The split a hub file's name starts with (``"testA-00000-of-00001.parquet"`` -> ``"testA"``), else ``None``."""
+    match = _FILE_SPLIT.match(name)
+    return _SPLIT_SPELLING[match.group(1).lower()] if match else None
 
 
 def _sentence_texts(sentences: Any) -> list[dict[str, Any]]:
@@ -179,6 +213,9 @@ def _refer_sample(key: str, image: dict, items: list, dataset: str, per: str) ->
         ref, _, sentences = items[0]
         meta.update(_ref_ids(ref))
         meta["sentences"] = sentences
+    else:
+        splits = sorted({str(ref.get("split")) for ref, _, _ in items})
+        meta["split"] = splits[0] if len(splits) == 1 else splits
     width, height = image.get("width"), image.get("height")
     if width is None or height is None:
         meta[SIZE_UNKNOWN] = True
@@ -225,7 +262,9 @@ def _lmms_row(row: dict[str, Any], where: str, split: str | None, dataset: str) 
     return sample
 
 
-def _jxu_row(row: dict[str, Any], split: str | None, dataset: str) -> RegionSample | None:
+def _jxu_row(
+    row: dict[str, Any], split: str | None, dataset: str, file_split: str | None
+) -> RegionSample | None:
     if split is not None and row.get("split") not in (None, split):
         return None
     ann = _maybe_json(row.get("raw_anns"))
@@ -242,6 +281,8 @@ def _jxu_row(row: dict[str, Any], split: str | None, dataset: str) -> RegionSamp
         **_ref_ids(row),
         "sentences": sentences,
     }
+    if meta["split"] is None:  # older exports without the column: the file's split, else the one asked for
+        meta["split"] = file_split or split
     width, height = info.get("width"), info.get("height")
     sample = RegionSample(
         make_key("ref", row["ref_id"]),
@@ -257,6 +298,36 @@ def _jxu_row(row: dict[str, Any], split: str | None, dataset: str) -> RegionSamp
     return sample
 
 
+def _row_file_split(path: Path, split: str | None, named_directly: bool) -> tuple[bool, str | None]:
+    """``(read this file?, the split its rows belong to when they do not say)``; see the module docstring."""
+    named = split_from_file_name(path.name)
+    if named is None or split is None or named == split:
+        return True, named or split
+    if named_directly:
+        raise SplitError(
+            f"{os.fspath(path)}: the file name says split {named!r} but split {split!r} was asked for; "
+            f"pass --split {named} (every row of a hub file belongs to the split its name gives)"
+        )
+    logger.info("%s: passed over (split %r, not %r)", path, named, split)
+    return False, None
+
+
+def _one_row(
+    row: dict[str, Any], where: str, path: Path, split: str | None, file_split: str | None, dataset: str
+) -> RegionSample | None:
+    """One lmms-lab / jxu124 row -> sample (``None``: another split); raises on a malformed row."""
+    if "answer" in row and "bbox" in row:
+        if file_split is None:
+            raise SplitError(
+                f"{os.fspath(path)}: lmms-lab RefCOCO rows do not record their split and the file name "
+                "does not give it; pass --split val|testA|testB|test (the split this file holds)"
+            )
+        return _lmms_row(row, where, file_split, dataset)
+    if "sentences" in row and "ref_id" in row:
+        return _jxu_row(row, split, dataset, file_split)
+    raise KeyError(f"unknown RefCOCO row layout with columns {sorted(row)}")
+
+
 def iter_refcoco_rows(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     skipped: SkipCounter,
@@ -266,28 +337,31 @@ def iter_refcoco_rows(
     """Stream per-ref samples from lmms-lab or jxu124 style rows (parquet / JSON lines).
 
     lmms-lab rows carry their image bytes in ``sample.image`` and an unknown size (filled from the
-    image by the CLI); jxu124 rows are filtered by ``split`` (their ``split`` column).
+    image by the CLI); their split is the file's (see the module docstring). jxu124 rows are
+    filtered by ``split`` (their ``split`` column). Every sample records ``meta["split"]``.
     """
-    for where, row in iter_rows(inputs, skipped):
-        try:
-            if "answer" in row and "bbox" in row:
-                sample = _lmms_row(row, where, split, dataset)
-            elif "sentences" in row and "ref_id" in row:
-                sample = _jxu_row(row, split, dataset)
-                if sample is None:
-                    continue
-            else:
-                skipped.skip("bad_record", where, f"unknown RefCOCO row layout with columns {sorted(row)}")
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    direct = {Path(item) for item in items if not Path(item).is_dir()}
+    for path in expand_inputs(items):
+        read, file_split = _row_file_split(path, split, path in direct)
+        if not read:
+            continue
+        for where, row in iter_rows(path, skipped):
+            try:
+                sample = _one_row(row, where, path, split, file_split, dataset)
+            except SplitError:
+                raise
+            except (KeyError, TypeError, ValueError) as err:
+                skipped.skip("bad_record", where, f"{type(err).__name__}: {err}")
                 continue
-        except (KeyError, TypeError, ValueError) as err:
-            skipped.skip("bad_record", where, f"{type(err).__name__}: {err}")
-            continue
-        if not sample.regions:
-            skipped.skip("no_regions", sample.key, "no referring expressions")
-            continue
-        sample = clean_sample(sample, skipped)
-        if sample is not None:
-            yield sample
+            if sample is None:
+                continue
+            if not sample.regions:
+                skipped.skip("no_regions", sample.key, "no referring expressions")
+                continue
+            sample = clean_sample(sample, skipped)
+            if sample is not None:
+                yield sample
 
 
 def iter_refcoco(
