@@ -271,7 +271,7 @@ def rec_accuracy(
 
     Args:
         pred_boxes: ``(N, 4)`` xyxy boxes, NaN rows for unparsable answers, or a list of 4-sequences
-            with ``None`` for those (:func:`eval.rec_parsing.parse_boxes` gives the former).
+            with ``None`` for those (:func:`llava_bridge.box_text.parse_boxes` gives the former).
         gt_boxes: ``(N, 4)`` xyxy, in the same frame and units as ``pred_boxes``.
         thresholds: a prediction is correct at ``t`` when ``IoU >= t`` (inclusive, as lmms-eval).
         invalid_as_zero_box: score unparsable answers as ``[0, 0, 0, 0]``, exactly as lmms-eval; this

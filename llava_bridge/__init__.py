@@ -1,0 +1,33 @@
+"""CLOC inside LLaVA-style MLLMs.
+
+* :mod:`llava_bridge.tower`: :class:`CLOCVisionTower`, a CLOC ViT behind the vision-tower interface
+  of the original LLaVA and LLaVA-NeXT code bases, with Prompter region embeddings from the same
+  ViT pass as the image tokens.
+* :mod:`llava_bridge.builder`: :func:`build_vision_tower` / :func:`with_cloc`, which send CLOC
+  checkpoints (recognised by their config) to that tower and every other tower to the fork's own
+  builder.
+* :mod:`llava_bridge.box_text`: writing boxes into prompts and reading them out of answers, for every
+  box convention, with the frame (original image or padded square) explicit.
+
+Hugging Face ``LlavaForConditionalGeneration`` needs nothing from here: ``import cloc_hf`` registers
+``CLOCVisionConfig``, so it can be the ``vision_config`` of a ``LlavaConfig``. See ``docs/llava.md``.
+"""
+
+from .box_text import CONVENTIONS, box_to_text, format_box, parse_box, parse_boxes, resolve_frame, text_to_box
+from .builder import CLOC_MODEL_TYPES, build_vision_tower, is_cloc_checkpoint, with_cloc
+from .tower import CLOCVisionTower
+
+__all__ = [
+    "CLOC_MODEL_TYPES",
+    "CLOCVisionTower",
+    "CONVENTIONS",
+    "box_to_text",
+    "build_vision_tower",
+    "format_box",
+    "is_cloc_checkpoint",
+    "parse_box",
+    "parse_boxes",
+    "resolve_frame",
+    "text_to_box",
+    "with_cloc",
+]

@@ -18,7 +18,7 @@ from eval.metrics import (
     retrieval_recall_at_k,
     topk_accuracy,
 )
-from eval.rec_parsing import CONVENTIONS, format_box, parse_box, parse_boxes
+from llava_bridge.box_text import CONVENTIONS, format_box, parse_box, parse_boxes
 
 # --- classification ----------------------------------------------------------------------------
 # class 0: 3/4 right, class 1: 1/2, class 2: 4/6  ->  mAcc = (75 + 50 + 66.67) / 3, overall = 8/12

@@ -1,10 +1,20 @@
-"""Reading boxes out of MLLM answers and writing boxes into prompts, per box convention.
+"""Box text: reading boxes out of MLLM answers and writing boxes into prompts, per box convention.
 
-Every convention here converts to and from one internal form: a normalised ``xyxy`` box
-``(x1, y1, x2, y2)`` in ``[0, 1]`` **of the frame the convention refers to**. The frame is a property
-of the model's training data, not of the text, so this module never maps between frames; do that
-with :class:`cloc_hf.box_ops.FrameTransform` (for a ``"pad"``-frame box: ``to_original`` gives pixels
-of the original image, divide by ``(width, height)`` to normalise them).
+One codec for the LLaVA bridge, the data builders and evaluation (it sits in ``llava_bridge`` so
+that training code can use it without depending on ``eval``).
+
+Two levels:
+
+* :func:`format_box` / :func:`parse_box` / :func:`parse_boxes` convert between text and a
+  normalised ``xyxy`` box ``(x1, y1, x2, y2)`` in ``[0, 1]`` **of the frame the convention refers
+  to**, and nothing else.
+* :func:`box_to_text` / :func:`text_to_box` take and return *pixel* boxes of the original image and
+  make the frame explicit: ``"original"`` (normalised by the image's width and height) or ``"pad"``
+  (normalised in the square the image is padded to, LLaVA's ``expand2square``). A convention with a
+  fixed frame uses it unless told otherwise; ``"llava"``, whose frame is disputed, needs ``frame=``.
+
+Parsing never raises on model output: text without a readable box (or anything that is not text)
+gives ``None``, "no box". Bad *arguments* (an unknown convention or frame) still raise.
 
 ====================  =====================================  ===========  ==============================
 convention            written as                             scale        frame
@@ -44,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cloc_hf.box_ops import validate_boxes
+from cloc_hf.box_ops import FrameTransform, validate_boxes
 
 # --- grammar -----------------------------------------------------------------------------------
 # lmms-eval's number: optional minus, digits, optional ".digits". No "+", no ".5", no exponent.
@@ -114,6 +124,15 @@ def get_convention(convention: str | BoxConvention) -> BoxConvention:
 
 
 # --- parsing -----------------------------------------------------------------------------------
+def _as_text(text) -> str | None:
+    """Model output as a string: ``str`` as is, bytes decoded leniently, anything else ``None``."""
+    if isinstance(text, str):
+        return text
+    if isinstance(text, (bytes, bytearray)):
+        return bytes(text).decode("utf-8", errors="replace")
+    return None
+
+
 def parse_bracket_box(text: str, *, lenient: bool = True) -> Box | None:
     """The first ``[a, b, c, d]`` in ``text`` as four floats, as written (no rescaling), or ``None``.
 
@@ -122,6 +141,9 @@ def parse_bracket_box(text: str, *, lenient: bool = True) -> Box | None:
     whitespace before commas, ``+``, ``.5``, ``5.``, exponents and a ``;`` after the fourth number.
     The two can disagree on which box is *first* when an earlier box is only leniently readable.
     """
+    text = _as_text(text)
+    if text is None:
+        return None
     match = (_LENIENT_BRACKET if lenient else _STRICT_BRACKET).search(text)
     if match is None:
         return None
@@ -130,6 +152,9 @@ def parse_bracket_box(text: str, *, lenient: bool = True) -> Box | None:
 
 def parse_qwen_box(text: str) -> Box | None:
     """The first ``(x1,y1),(x2,y2)`` in ``text`` as four floats on the 0..1000 grid, or ``None``."""
+    text = _as_text(text)
+    if text is None:
+        return None
     match = _QWEN_PAIRS.search(text)
     if match is None:
         return None
@@ -148,6 +173,7 @@ def parse_box(
 
     ``lenient`` defaults to ``False`` for ``"lmms_eval"`` (reproduce its numbers) and ``True`` for
     the others; it has no effect on ``"qwen"``, whose pair grammar is always lenient about spaces.
+    Never raises on ``text``: anything without a readable box (``None``, numbers, garbage) gives ``None``.
     """
     conv = get_convention(convention)
     if conv.name == "qwen":
@@ -192,3 +218,75 @@ def format_box(box, convention: str | BoxConvention = "lmms_eval") -> str:
     if conv.name == "qwen":
         return f"<box>({values[0]},{values[1]}),({values[2]},{values[3]})</box>"
     return "[" + conv.separator.join(values) + "]"
+
+
+# --- pixels of the original image, with the frame explicit --------------------------------------
+FRAMES = ("original", "pad")
+
+
+def resolve_frame(convention: str | BoxConvention, frame: str | None = None) -> str:
+    """The frame a convention's numbers refer to: ``frame`` when given, else the convention's own.
+
+    ``frame`` overrides a convention's usual frame (a model fine-tuned on other data); the
+    ``"llava"`` convention has no agreed frame, so it raises without one.
+    """
+    conv = get_convention(convention)
+    if frame is None:
+        if conv.frame not in FRAMES:
+            raise ValueError(
+                f"the {conv.name!r} box convention's frame is {conv.frame}: pass frame='original' or frame='pad' "
+                "(the frame of the data the model was trained on)"
+            )
+        return conv.frame
+    if frame not in FRAMES:
+        raise ValueError(f"unknown frame {frame!r}; expected one of {FRAMES}")
+    return frame
+
+
+def _normaliser(image_size: tuple[int, int], frame: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` with ``normalised = (pixels + shift) / scale`` per xyxy coordinate."""
+    width, height = (int(v) for v in image_size)
+    geometry = FrameTransform(width, height, max(width, height), "pad")  # validates the size
+    if frame == "original":
+        return torch.tensor([width, height] * 2, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    ox, oy = geometry.pad_offset
+    side = geometry.pad_side
+    return torch.full((4,), float(side), dtype=torch.float64), torch.tensor([ox, oy] * 2, dtype=torch.float64)
+
+
+def box_to_text(
+    box, image_size: tuple[int, int], convention: str | BoxConvention = "lmms_eval", *, frame: str | None = None
+) -> str:
+    """Write one original-image pixel box ``(x1, y1, x2, y2)`` as ``convention`` writes it in ``frame``.
+
+    ``image_size`` is ``(width, height)`` of the original image; ``frame`` as in :func:`resolve_frame`.
+    An invalid box (flipped, empty, NaN, far outside the image) raises ``ValueError``.
+    """
+    chosen = resolve_frame(convention, frame)
+    width, height = (int(v) for v in image_size)
+    pixels = validate_boxes(
+        torch.as_tensor(box, dtype=torch.float64).reshape(1, 4), name="box", width=width, height=height
+    )[0]
+    scale, shift = _normaliser((width, height), chosen)
+    return format_box(((pixels + shift) / scale).tolist(), convention)
+
+
+def text_to_box(
+    text,
+    image_size: tuple[int, int],
+    convention: str | BoxConvention = "lmms_eval",
+    *,
+    frame: str | None = None,
+    lenient: bool | None = None,
+) -> Box | None:
+    """Read the first box from model output -> pixel xyxy of the original image, or ``None`` (no box).
+
+    The inverse of :func:`box_to_text`. Values are not clipped to the image (an answer outside it
+    scores as such). Never raises on ``text``.
+    """
+    chosen = resolve_frame(convention, frame)
+    norm = parse_box(text, convention, lenient=lenient)
+    if norm is None:
+        return None
+    scale, shift = _normaliser(image_size, chosen)
+    return tuple((torch.tensor(norm, dtype=torch.float64) * scale - shift).tolist())
