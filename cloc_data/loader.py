@@ -1,11 +1,13 @@
 """Batches for pretraining: images through the CLOC processor, captions and region phrases tokenized,
-at most ``M`` regions sampled per image with their boxes mapped into the model frame, padded + masked.
+at most ``M`` regions sampled per image with their boxes mapped into the model frame.
 
-The batch dict matches :meth:`cloc_hf.CLOCModel.forward`:
+The batch dict matches :meth:`cloc_hf.CLOCModel.forward`; regions come as per-image lists
+(:mod:`cloc_hf.prompts`), the one form the model takes:
 
 * ``pixel_values (B, 3, S, S)``, ``input_ids / attention_mask (B, L)``;
-* ``region_boxes (B, M, 4)`` normalised xyxy in the model frame, ``region_mask (B, M)`` bool;
-* ``region_input_ids / region_attention_mask (B, M, L_r)``.
+* ``region_boxes``: ``B`` tensors ``(n_i, 4)``, normalised xyxy in the model frame, ``n_i <= M``;
+* ``region_input_ids / region_attention_mask``: ``B`` tensors ``(n_i, L_r)``, the boxes' phrases in the
+  same order (all phrases of a batch are tokenized together, so ``L_r`` is shared).
 
 Region sampling is deterministic in ``(seed, epoch, sample index)``, whatever the worker layout, so a
 resumed run draws exactly the regions an uninterrupted one would.
@@ -21,10 +23,42 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cloc_hf.prompts import split_per_image
+
 from .format import MalformedSample, RegionSample
 from .shards import SkipCounter, iter_shard_samples, list_shards
 
 logger = logging.getLogger(__name__)
+
+# Splits that evaluation runs on (RefCOCO's val/testA/testB/test, the synthetic scenes' val/test),
+# compared lower-cased: a sample whose meta["split"] names one must not reach pretraining.
+EVAL_SPLITS = frozenset({"val", "validation", "test", "testa", "testb"})
+
+
+def eval_split_of(sample: RegionSample) -> str | None:
+    """The evaluation split named by ``sample.meta["split"]`` (a name or a list of names), else ``None``."""
+    split = sample.meta.get("split")
+    names = split if isinstance(split, (list, tuple)) else [split]
+    return next((str(s) for s in names if s is not None and str(s).lower() in EVAL_SPLITS), None)
+
+
+def refuse_eval_split(sample: RegionSample, shard: str) -> None:
+    """Raise ``ValueError`` naming ``shard`` and the split when ``sample`` is from an evaluation split."""
+    split = eval_split_of(sample)
+    if split is not None:
+        raise ValueError(
+            f"{shard}: sample {sample.key!r} ({sample.meta.get('dataset', 'unknown dataset')}) is from the "
+            f"{split!r} split, which evaluation uses; training on it would leak the benchmark. Convert only "
+            "the training split (cloc-data convert --split train), or set allow_eval_splits=True "
+            "(PretrainConfig.allow_eval_splits) if this is intended"
+        )
+
+
+def _samples_by_shard(path, skipped: SkipCounter):
+    """``(shard path, sample)`` over the shards at ``path``, in :func:`list_shards` order."""
+    for shard in list_shards(path):
+        for sample in iter_shard_samples([shard], decode_images=True, skipped=skipped):
+            yield shard, sample
 
 
 class RegionTextDataset(Dataset):
@@ -38,10 +72,14 @@ class RegionTextDataset(Dataset):
         self.samples = list(samples)
 
     @classmethod
-    def from_shards(cls, path, max_samples: int | None = None) -> RegionTextDataset:
+    def from_shards(cls, path, max_samples: int | None = None, allow_eval_splits: bool = False) -> RegionTextDataset:
+        """Load the shards at ``path``; a sample of an evaluation split (:data:`EVAL_SPLITS`) raises
+        ``ValueError`` naming its shard unless ``allow_eval_splits`` (default off: no benchmark leak)."""
         skipped = SkipCounter()
         samples = []
-        for sample in iter_shard_samples(list_shards(path), decode_images=True, skipped=skipped):
+        for shard, sample in _samples_by_shard(path, skipped):
+            if not allow_eval_splits:
+                refuse_eval_split(sample, shard)
             samples.append(sample)
             if max_samples is not None and len(samples) >= max_samples:
                 break
@@ -127,24 +165,16 @@ class RegionTextCollator:
         }
         if not self.max_regions:
             return out
-        batch_size, m = len(batch), self.max_regions
-        boxes = torch.zeros(batch_size, m, 4)
-        boxes[..., 2:] = 1.0  # padding boxes are valid (whole frame) so nothing downstream sees NaN
-        mask = torch.zeros(batch_size, m, dtype=torch.bool)
+        counts = [len(phrases) for phrases in region_phrases]
         flat_phrases = [p for phrases in region_phrases for p in phrases] or [""]
         tokens = self._tokenize(flat_phrases, self.phrase_max_length)
-        length = tokens["input_ids"].shape[1]
-        ids = torch.zeros(batch_size, m, length, dtype=torch.long)
-        attn = torch.zeros(batch_size, m, length, dtype=torch.long)
-        cursor = 0
-        for b, (mapped, phrases) in enumerate(zip(region_boxes, region_phrases)):
-            n = len(phrases)
-            boxes[b, :n] = mapped
-            mask[b, :n] = True
-            ids[b, :n] = tokens["input_ids"][cursor : cursor + n]
-            attn[b, :n] = tokens["attention_mask"][cursor : cursor + n]
-            cursor += n
-        out.update(region_boxes=boxes, region_mask=mask, region_input_ids=ids, region_attention_mask=attn)
+        if not sum(counts):  # the [""] above only fixes the token length; no image has a phrase
+            tokens = {k: v[:0] for k, v in tokens.items()}
+        out.update(
+            region_boxes=region_boxes,
+            region_input_ids=split_per_image(tokens["input_ids"], counts),
+            region_attention_mask=split_per_image(tokens["attention_mask"], counts),
+        )
         return out
 
 
@@ -185,10 +215,12 @@ class StreamingRegionTextDataset(torch.utils.data.IterableDataset):
     across DataLoader workers; a seeded shuffle buffer mixes samples. Malformed rows are skipped and
     counted. Yields ``(position, sample)`` where ``position`` is the sample's index in this rank's
     stream, so region sampling stays deterministic; ``set_epoch(epoch, skip=n)`` resumes after ``n``
-    samples of an epoch.
+    samples of an epoch. A sample of an evaluation split raises ``ValueError`` naming its shard unless
+    ``allow_eval_splits`` (see :meth:`RegionTextDataset.from_shards`).
     """
 
-    def __init__(self, path, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000, seed: int = 0):
+    def __init__(self, path, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000, seed: int = 0,
+                 allow_eval_splits: bool = False):  # fmt: skip
         from .shards import load_hf_dataset
 
         shards = list_shards(path)
@@ -199,6 +231,7 @@ class StreamingRegionTextDataset(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
         self.epoch, self.skip = 0, 0
         self.skipped = SkipCounter()
+        self.allow_eval_splits = allow_eval_splits
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
@@ -215,6 +248,10 @@ class StreamingRegionTextDataset(torch.utils.data.IterableDataset):
             if position < self.skip or position % workers != worker:
                 continue
             try:
-                yield position, hf_record_to_sample(record)
+                sample = hf_record_to_sample(record)
             except MalformedSample as err:
                 self.skipped.skip("malformed", str(record.get("__key__", "?")), str(err))
+                continue
+            if not self.allow_eval_splits:
+                refuse_eval_split(sample, str(record.get("__url__") or self.shards))
+            yield position, sample
