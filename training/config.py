@@ -39,6 +39,9 @@ class PretrainConfig:
         max_train_samples (int | None): use only the first N samples (in-memory mode).
         streaming (bool, False): stream shards through ``datasets`` instead of loading them into memory
             (for corpora larger than RAM; shards are split across ranks, a seeded buffer shuffles).
+        allow_eval_splits (bool, False): accept samples whose ``meta["split"]`` is an evaluation split
+            (val / test / testA / testB); off, loading one raises, so benchmark data cannot leak into
+            training.
         resize_mode (str, "pad"): the processor's ``"pad"`` or ``"center_crop"``.
         num_workers (int, 0): DataLoader workers (0 on small CPUs: workers compete with the math).
     Optimisation
@@ -73,6 +76,7 @@ class PretrainConfig:
     train_data: str = ""
     max_train_samples: int | None = None
     streaming: bool = False
+    allow_eval_splits: bool = False
     resize_mode: str = "pad"
     num_workers: int = 0
     batch_size: int = 128

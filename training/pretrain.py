@@ -244,11 +244,15 @@ class Trainer:
         self.collator = RegionTextCollator(self.processor, max_regions=config.regions_per_image, seed=config.seed)
         if config.streaming:
             self.dataset = StreamingRegionTextDataset(
-                config.train_data, rank=acc.process_index, world_size=acc.num_processes, seed=config.seed
+                config.train_data, rank=acc.process_index, world_size=acc.num_processes, seed=config.seed,
+                allow_eval_splits=config.allow_eval_splits,
             )
             self.sampler = None
         else:
-            self.dataset = RegionTextDataset.from_shards(config.train_data, max_samples=config.max_train_samples)
+            self.dataset = RegionTextDataset.from_shards(
+                config.train_data, max_samples=config.max_train_samples,
+                allow_eval_splits=config.allow_eval_splits,
+            )
             self.sampler = EpochBatchSampler(
                 len(self.dataset), config.batch_size, seed=config.seed, rank=acc.process_index,
                 world_size=acc.num_processes,
