@@ -262,7 +262,9 @@ def _iter_tar(path: Path, skipped: SkipCounter, phrases: str, min_score: float) 
         skipped.skip("bad_shard", os.fspath(path), f"not a readable tar from here on: {err!r}")
 
 
-def _iter_row_file(path: Path, skipped: SkipCounter, phrases: str, min_score: float) -> Iterator[RegionSample]:
+def _iter_row_file(
+    path: Path, skipped: SkipCounter, phrases: str, min_score: float
+) -> Iterator[RegionSample]:
     for where, row in iter_rows(path, skipped):
         embedded = row.get("image")
         data = embedded.get("bytes") if isinstance(embedded, dict) else embedded
