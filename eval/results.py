@@ -132,7 +132,6 @@ FIELDS: tuple[RowField, ...] = (
 )
 ROW_KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS)
 ID_KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS if not f.is_metric)  # keys naming the row
-_FIELDS_BY_KEY = {f.key: f for f in FIELDS}
 _ATTR_PREFIX, _ATTR_SUFFIX = "region_", "_acc"
 
 
@@ -141,8 +140,12 @@ def attribute_key(attribute: str) -> str:
     return f"{_ATTR_PREFIX}{attribute}{_ATTR_SUFFIX}"
 
 
+def _fixed_field(key: str) -> RowField | None:
+    return next((f for f in FIELDS if f.key == key), None)
+
+
 def _attribute_of(key: str) -> str | None:
-    if key in _FIELDS_BY_KEY or not (key.startswith(_ATTR_PREFIX) and key.endswith(_ATTR_SUFFIX)):
+    if _fixed_field(key) is not None or not (key.startswith(_ATTR_PREFIX) and key.endswith(_ATTR_SUFFIX)):
         return None
     return key[len(_ATTR_PREFIX) : -len(_ATTR_SUFFIX)] or None
 
@@ -150,8 +153,9 @@ def _attribute_of(key: str) -> str | None:
 def field_for(key: str) -> RowField | None:
     """The :class:`RowField` of a row key, per-attribute ``region_<attr>_acc`` included; ``None`` for a
     key outside the schema (callers may add their own columns, e.g. the demo's ``paper_sign``)."""
-    if key in _FIELDS_BY_KEY:
-        return _FIELDS_BY_KEY[key]
+    fixed = _fixed_field(key)
+    if fixed is not None:
+        return fixed
     attr = _attribute_of(key)
     if attr is None:
         return None
@@ -173,10 +177,11 @@ def summary_columns(rows: Sequence[Mapping[str, Any]], *, extra: bool = True) ->
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
+    fixed = [f.key for f in FIELDS]
     attrs = [k for k in keys if _attribute_of(k) is not None]
-    others = [k for k in keys if k not in ROW_KEYS and k not in attrs] if extra else []
+    others = [k for k in keys if k not in fixed and k not in attrs] if extra else []
     ordered: list[str] = []
-    for key in ROW_KEYS:
+    for key in fixed:
         ordered.append(key)
         if key == "region_acc":
             ordered += attrs
@@ -186,7 +191,7 @@ def summary_columns(rows: Sequence[Mapping[str, Any]], *, extra: bool = True) ->
 
 def metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The metric keys measured in at least one row, in :func:`summary_columns` order."""
-    return [k for k in summary_columns(rows, extra=False) if k not in ID_KEYS]
+    return [k for k in summary_columns(rows, extra=False) if field_for(k).is_metric]
 
 
 # --- rendering ------------------------------------------------------------------------------------------

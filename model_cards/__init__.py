@@ -1,17 +1,26 @@
 """Hugging Face model cards (``README.md`` with YAML metadata) for CLOC models.
 
-* :func:`~model_cards.generate.card_from_results` turns an evaluation / demo results JSON
-  (``eval.runner`` rows) into the card of a trained model, with its measured numbers in the
-  ``model-index``;
-* :func:`~model_cards.generate.paper_card` writes the card of a paper architecture (``cloc-vit-b-16``,
-  ``cloc-vit-l-14-336``) for which no official weights exist: the paper's numbers, marked as
-  paper-reported, and how to obtain a checkpoint with this project's code.
+* :func:`write_demo_card` / :func:`card_from_results`: the card of a trained model from its
+  evaluation results (``eval.results`` rows), with the measured numbers in the ``model-index``;
+* :func:`write_paper_card` / :func:`paper_card`: the card of a paper architecture (``cloc-vit-b-16``,
+  ``cloc-vit-l-14-336``) for which no official weights exist: the paper's numbers
+  (``model_cards/paper_results.json``), marked as paper-reported, and how to obtain a checkpoint.
 
-``python -m model_cards.generate --help`` for the command line. The names are imported lazily so that
+The cards are rendered from the Jinja templates in ``model_cards/templates/``. ``python -m
+model_cards.generate --help`` for the command line. The names are imported lazily so that
 ``python -m model_cards.generate`` does not import the module twice.
 """
 
-__all__ = ["PAPER_ARCHS", "card_from_results", "paper_card", "write_paper_cards"]
+__all__ = [
+    "PAPER_ARCHS",
+    "card_from_results",
+    "paper_card",
+    "paper_number",
+    "paper_results",
+    "write_demo_card",
+    "write_paper_card",
+    "write_paper_cards",
+]
 
 
 def __getattr__(name):

@@ -9,15 +9,19 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
+from eval.results import empty_row
 from model_cards.generate import (
-    METRICS,
     PAPER_ARCHS,
+    PAPER_RESULTS,
     PAPER_URL,
+    TEMPLATES,
     card_from_results,
     main,
-    metric_for,
     paper_card,
+    paper_number,
     select_row,
+    write_demo_card,
+    write_paper_card,
 )
 
 CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards" / "cards"
@@ -25,11 +29,7 @@ CARD_FILES = sorted(CARDS_DIR.glob("*.md"))
 
 
 def _row(name, model, **values):
-    row = {
-        "name": name, "model": model, "region_macc": None, "region_acc": None, "region_r2t_r10": None,
-        "region_t2r_r10": None, "image_i2t_r1": None, "image_t2i_r1": None, "zeroshot_top1": None,
-        "rec_acc50": None, "rec_head_acc50": None,
-    }
+    row = empty_row(name, model)
     row.update(values)
     return row
 
@@ -108,8 +108,9 @@ def test_results_card_reports_the_cloc_row_only():
 
 def test_results_card_body():
     text = build_card().text
-    assert "| method | region mAcc | region acc | region colour acc | region shape acc |" in text
-    assert "| `clip-roi` | 3.4 | - | - | - |" in text
+    assert "| method | region mAcc | region acc | colour acc | shape acc |" in text  # one model: no model column
+    assert "| clip-roi | 3.4 | - | - | - |" in text
+    assert "`clip-maskbg` = the whole image with everything outside the box greyed out" in text
     assert "not** meant for real" in text
     assert "Trained for 700 steps at batch 128" in text
     assert "AutoModel.from_pretrained" in text and "trust_remote_code=True" in text
@@ -136,7 +137,7 @@ def test_row_selection_between_several_models():
         build_card(results, model_name="unrelated-name")
     with pytest.raises(ValueError, match="demo-nope"):
         select_row(results["rows"], "cloc", "demo-nope")
-    assert "| model | method |" in build_card(results).text  # two models: the table names them
+    assert "| method | model |" in build_card(results).text  # two models: the table names them
 
 
 def test_results_without_rows_are_rejected():
@@ -144,15 +145,21 @@ def test_results_without_rows_are_rejected():
         build_card({"meta": {}})
 
 
-def test_every_runner_row_key_has_a_metric_spec():
-    from eval.runner import ROW_KEYS
+def test_cards_read_the_row_schema_of_eval_results():
+    """A metric added to the schema reaches the card's table and model-index without touching model_cards."""
+    from dataclasses import replace
 
-    for key in ROW_KEYS:
-        if key not in ("name", "model"):
-            assert metric_for(key) is not None, key
-    assert metric_for("region_shape_acc").metric_config == "shape"
-    assert metric_for("not_a_metric") is None
-    assert len({m.key for m in METRICS}) == len(METRICS)
+    import eval.results as schema
+
+    extra = replace(schema.field_for("zeroshot_top1"), key="detection_ap50", title="det AP50", metric_name="New")
+    results = make_results()
+    results["rows"][0]["detection_ap50"] = 12.5
+    assert "det AP50" not in build_card(results).text  # a key outside the schema is not a card metric
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(schema, "FIELDS", (*schema.FIELDS, extra))
+        card = build_card(results)
+    assert "| det AP50 |" in card.text
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results}["New"] == 12.5
 
 
 def test_how_to_use_snippet_runs(tmp_path, monkeypatch):
@@ -195,7 +202,21 @@ def test_paper_card_marks_every_number_as_paper_reported(arch):
     assert f"cloc-convert --from-hf-clip {PAPER_ARCHS[arch]['convert_from']}" in card.text
 
 
-def test_paper_numbers_are_design_section_6():
+def test_paper_numbers_come_from_the_data_file():
+    data = json.loads(PAPER_RESULTS.read_text(encoding="utf-8"))
+    for arch, spec in data["architectures"].items():
+        card = paper_card(arch)
+        in_index = [n for n in spec["results"] if n.get("model_index")]
+        assert [r.metric_value for r in card.data.eval_results] == [n["value"] for n in in_index]
+        for number in spec["results"]:
+            assert f"| {number['benchmark']} | {number['metric']} | {number['value']:.1f} |" in card.text
+            assert number["source"] and number["id"]
+    assert paper_number("cloc-vit-b-16", "coco_macc_roi_align") == 67.1
+    with pytest.raises(KeyError, match="coco_macc"):
+        paper_number("cloc-vit-b-16", "nope")
+
+
+def test_paper_numbers_as_reported():
     b16 = {(r.dataset_type, r.metric_value) for r in paper_card("cloc-vit-b-16").data.eval_results}
     assert b16 == {("coco", 71.1), ("lvis", 28.5)}
     l14 = paper_card("cloc-vit-l-14-336")
@@ -274,3 +295,46 @@ def test_non_demo_card_drops_the_demo_warning():
     text = build_card(demo=False).text
     assert "demonstration model" not in text and "synthetic scenes only" not in text
     assert "one seed" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# the demo's card, templates and data file
+# --------------------------------------------------------------------------------------------------
+
+
+def _demo_report() -> dict:
+    """What ``cloc_demo.demo.run_demo`` passes to :func:`write_demo_card`: rows of two models, no top-level
+    ``meta``; the CLOC run's evaluation setup under ``details``."""
+    results = make_results()
+    rows = [dict(r, model="cloc") for r in results["rows"][:1]] + [dict(r, model="clip") for r in results["rows"][1:]]
+    meta = {"data": "runs/demo/data", "split": "test", "max_images": 600, "methods": ["cloc"], "seconds": {"x": 1}}
+    return {"preset": "demo", "rows": rows, "details": {"cloc": {"meta": meta}}}
+
+
+def test_write_demo_card_states_the_split_and_setup(tmp_path):
+    run_dir = tmp_path / "cloc"
+    run_dir.mkdir()
+    (run_dir / "pretrain_config.json").write_text(json.dumps({"arch": "cloc-tiny-demo", "steps": 600}))
+    path = write_demo_card(_demo_report(), run_dir)
+    assert path == run_dir / "README.md"
+    card = ModelCard.load(path)
+    assert card.data.model_name == "cloc"  # the folder's name: the rows compare two models
+    assert {r.dataset_split for r in card.data.eval_results} == {"test"}  # was None: the report has no meta
+    assert "(split `test`)" in card.text and "- max_images: `600`" in card.text
+    assert "seconds" not in card.text  # timings are not a property of the model
+    assert "600 steps at batch ?" in card.text
+    assert "| method | model |" in card.text and "| clip-crop | clip |" in card.text
+
+
+@pytest.mark.parametrize("path", [*CARD_FILES, *sorted(TEMPLATES.glob("*.md"))], ids=lambda p: p.name)
+def test_cards_and_templates_point_to_docs_not_notes_users_lack(path):
+    text = path.read_text(encoding="utf-8")
+    assert "DESIGN.md" not in text and "design notes" not in text
+    if path.parent == CARDS_DIR:
+        assert "{{" not in text and "{%" not in text  # fully rendered
+
+
+def test_write_paper_card(tmp_path):
+    path = write_paper_card("cloc-vit-b-16", tmp_path / "sub" / "b16.md")
+    assert path.read_text(encoding="utf-8") == str(paper_card("cloc-vit-b-16"))
+    assert "docs/design.md" in path.read_text(encoding="utf-8")
