@@ -14,6 +14,7 @@ is ``OUT/cloc`` (``AutoModel.from_pretrained`` loads it after ``import cloc_hf``
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -39,70 +40,120 @@ CLIP_METHODS = ("clip-crop", "clip-maskbg", "clip-roi")
 CURVE_METRIC = "region_macc"
 
 
-@dataclass
-class Preset:
-    """One miniature experiment. Sizes follow CALIBRATION.md round 2 (32 px, patch 4, 30 classes)."""
+# The PretrainConfig settings of every demo run; presets and ablation rows below override some of them.
+TRAINING: dict[str, Any] = {
+    "arch": "cloc-tiny-demo",  # 32 px, patch 4, 30 classes: small enough for minutes on 2 CPU cores
+    "steps": 600,
+    "batch_size": 128,
+    "lr": 1.5e-3,
+    "eval_every": 100,  # learning-curve points
+    "log_every": 10,
+    "num_workers": 0,  # DataLoader workers: 0 on a 2-core CPU (the math needs the cores), a few on a GPU
+    # Region-text false-negative filter at 0.9999 instead of the paper's 0.9 (the `text_filter_0.9` row
+    # reruns 0.9): from scratch, an untrained text tower maps "a red circle" and "a red square" above
+    # 0.9, so those pairs are never contrasted and shape is never learned. 0.9999 still drops identical
+    # phrases, the false negatives that matter in a 41-phrase vocabulary.
+    "model_overrides": {"text_filter_threshold": 0.9999},
+}
+# Set by the demo for each run (see `run_config`); presets and ablations may not set them.
+RUN_FIELDS = ("objective", "train_data", "output_dir", "seed", "save_every")
 
-    arch: str = "cloc-tiny-demo"
+
+@dataclass
+class DemoSettings:
+    """What a preset does around training; the training itself is ``training``, a dict of
+    :class:`~training.config.PretrainConfig` fields (``TRAINING`` unless a preset overrides it).
+
+    n_train, n_val, n_test: synthetic images per split (20,000 / 300 / 1,000: enough scenes that
+        600 steps of batch 128 see each about four times).
+    curve_images: validation images per learning-curve point (300: a point costs seconds).
+    test_images: test images of the final evaluation (600; ``None`` = all).
+    equal_time_run: train a second CLIP run as long, in seconds, as CLOC's (a CLOC step costs more).
+    ablations: names from ``ABLATIONS``, each one more CLOC run with its own report row.
+    goals: thresholds the report checks (``region_macc_margin``, ``clip_shape_acc``).
+    scene: ``SyntheticSceneConfig`` fields beyond its defaults. ``region_phrase="mention"``: a
+        region's phrase is the caption's own wording where the caption names the object, as VESL's
+        phrases come from captions; with every phrase spelled "a <colour> <shape>", colour alone
+        separates most region-text negatives and shape is learned later and less reliably.
+    """
+
+    training: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(TRAINING))
     n_train: int = 20000
     n_val: int = 300
     n_test: int = 1000
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 1.5e-3
-    eval_every: int = 100
-    curve_images: int = 300  # validation images per learning-curve point
-    test_images: int | None = 600  # test images of the final evaluation (None = all)
-    equal_time_run: bool = True  # a second CLIP run as long (in seconds) as CLOC's
-    num_workers: int = 0  # DataLoader workers (0 on the 2-core CPU; a few on a GPU machine)
-    # Region-text false-negative filter. The paper's 0.9 (cosine of caption embeddings) deadlocks here:
-    # from scratch, an untrained text tower maps "a red circle" and "a red square" above 0.9, so those
-    # pairs are never contrasted and shape is never learned (measured: shape at chance after 400 steps,
-    # with the earlier full-phrase regime; the `text_filter_0.9` switch of ABLATIONS reruns it, e.g.
-    # `run_demo("ablations", out, overrides={"ablations": ("text_filter_0.9",)})`). 0.9999 still drops
-    # identical phrases, the false negatives that matter in a 41-phrase vocabulary.
-    text_filter_threshold: float | None = 0.9999
+    curve_images: int = 300
+    test_images: int | None = 600
+    equal_time_run: bool = True
     ablations: tuple[str, ...] = ()
     goals: dict[str, float] = field(default_factory=dict)
-    # Region phrases in the caption's own words where the caption mentions the object (30% of mentions
-    # are shape-only, "a circle"), as VESL's phrases come from captions. With every region phrase
-    # spelled "a <colour> <shape>", colour alone separates most region-text negatives and shape is
-    # learned later and less reliably (GPU sweep: Prompter region mAcc 32-56 vs 63-64 at 600 steps,
-    # benchmarks/results/demo_regime_sweep_h100.txt).
     scene: dict[str, Any] = field(default_factory=lambda: {"region_phrase": "mention"})
 
+    def base_config(self) -> PretrainConfig:
+        """The preset's training settings resolved with ``PretrainConfig``'s defaults (no run fields)."""
+        return PretrainConfig.from_dict(self.training)
 
-PRESETS: dict[str, Preset] = {
-    "demo": Preset(goals={"region_macc_margin": 30.0}),
-    # The budget at which the CLIP baseline has learned shape. Measured (CPU, He-initialised stem): its
-    # best baseline (mask-bg) reached 65% shape accuracy at 1,500 steps (val: 57% at 1,000, 62% at
-    # 1,250); with the stem at CLIP's normal(0, 0.02) it stayed at 45-53%. Much longer is no test of
-    # the claim on these scenes: CLIP's mask-bg keeps climbing to ~95% by 2,500 steps (GPU sweep), since
-    # a background-masked isolated object on a plain background is in-distribution for an image-level
-    # model (no clutter, no occlusion), and no method can then lead by 15 points.
-    "long": Preset(steps=1500, eval_every=250, equal_time_run=False,
-                   goals={"region_macc_margin": 15.0, "clip_shape_acc": 60.0}),
-    "ablations": Preset(equal_time_run=False,
-                        ablations=("roi_align", "no_text_filter", "no_grounding", "m2", "noisy_labels",
-                                   "prompt_token")),
+
+# Named overrides of DemoSettings (``training`` entries override TRAINING key by key).
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {"goals": {"region_macc_margin": 30.0}},
+    # The budget at which the CLIP baseline has learned shape (its best baseline passes 60% shape
+    # accuracy; `docs/demo_long_report.md`). Much longer is no test of the claim on these scenes: a
+    # background-masked isolated object on a plain background is in-distribution for an image-level
+    # model (no clutter, no occlusion), so CLIP's mask-bg baseline keeps climbing towards CLOC.
+    "long": {"training": {"steps": 1500, "eval_every": 250}, "equal_time_run": False,
+             "goals": {"region_macc_margin": 15.0, "clip_shape_acc": 60.0}},
+    "ablations": {"equal_time_run": False,
+                  "ablations": ("roi_align", "no_text_filter", "no_grounding", "m2", "noisy_labels", "prompt_token")},
     # a seconds-long run of the whole pipeline, for tests
-    "smoke": Preset(arch="cloc-tiny", n_train=96, n_val=16, n_test=16, steps=4, batch_size=16, eval_every=2,
-                    curve_images=8, test_images=8, equal_time_run=True),
+    "smoke": {"training": {"arch": "cloc-tiny", "steps": 4, "batch_size": 16, "eval_every": 2},
+              "n_train": 96, "n_val": 16, "n_test": 16, "curve_images": 8, "test_images": 8, "equal_time_run": True},
 }
 
-# the paper's Table 2: what each switch did to region recognition relative to full CLOC
+# The paper's Table 2: each row is named PretrainConfig overrides (``training``) and/or scene noise,
+# with what the paper reports that switch did to region recognition relative to full CLOC.
 ABLATIONS: dict[str, dict[str, Any]] = {
-    "roi_align": {"config": {"prompter_type": "roi_align"}, "paper_sign": "lower (71.1 -> 67.1 COCO mAcc, ViT-B/16)"},
-    "no_text_filter": {"config": {"text_filter": False}, "paper_sign": "lower"},
-    "text_filter_0.9": {"config": {"model_overrides": {"text_filter_threshold": 0.9}},
+    "roi_align": {"training": {"model_overrides": {"prompter_config": {"prompter_type": "roi_align"}}},
+                  "paper_sign": "lower (71.1 -> 67.1 COCO mAcc, ViT-B/16)"},
+    "no_text_filter": {"training": {"model_overrides": {"text_filter_threshold": None}}, "paper_sign": "lower"},
+    "text_filter_0.9": {"training": {"model_overrides": {"text_filter_threshold": 0.9}},
                         "paper_sign": "the paper's setting (0.9 on caption-embedding cosine)"},
-    "no_grounding": {"config": {"grounding_loss": False}, "paper_sign": "lower or equal; no box head for REC"},
-    "m2": {"config": {"max_regions": 2}, "paper_sign": "lower (fewer regions per image)"},
-    "prompt_token": {"config": {"model_overrides": {"prompter_config": {"prompt_position": "token"}}},
+    "no_grounding": {"training": {"model_overrides": {"use_grounding_loss": False}},
+                     "paper_sign": "lower or equal; no box head for REC"},
+    "m2": {"training": {"regions_per_image": 2}, "paper_sign": "lower (fewer regions per image)"},
+    "prompt_token": {"training": {"model_overrides": {"prompter_config": {"prompt_position": "token"}}},
                      "paper_sign": "not in the paper: its literal prompt form (position code as the token content)"},
-    "noisy_labels": {"config": {}, "noise": {"box_jitter": 0.1, "missed_region_prob": 0.3, "wrong_phrase_prob": 0.15},
+    "noisy_labels": {"training": {}, "noise": {"box_jitter": 0.1, "missed_region_prob": 0.3, "wrong_phrase_prob": 0.15},
                      "paper_sign": "lower than clean labels, but pseudo-labels still help"},
 }
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied; nested dicts are merged key by key, other values replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_overrides(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_preset(name: str, overrides: dict[str, Any] | None = None) -> DemoSettings:
+    """The settings of preset ``name`` with ``overrides`` (same form as a ``PRESETS`` entry) applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown demo preset {name!r}; available: {sorted(PRESETS)}")
+    merged = merge_overrides(merge_overrides(dataclasses.asdict(DemoSettings()), PRESETS[name]), overrides or {})
+    known = {f.name for f in dataclasses.fields(DemoSettings)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ValueError(f"demo preset overrides {unknown} are not DemoSettings fields ({sorted(known)}); "
+                         "training settings go under 'training'")
+    unknown_ablations = sorted(set(merged["ablations"]) - set(ABLATIONS))
+    if unknown_ablations:
+        raise ValueError(f"unknown ablations {unknown_ablations}; available: {sorted(ABLATIONS)}")
+    settings = DemoSettings(**merged)
+    settings.base_config()  # bad training settings fail here, before any data is written
+    return settings
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,7 +161,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------------
 
 
-def ensure_data(root: Path, preset: Preset, seed: int, noise: dict[str, Any] | None = None) -> Path:
+def ensure_data(root: Path, preset: DemoSettings, seed: int, noise: dict[str, Any] | None = None) -> Path:
     """Write the synthetic dataset once; reuse it when the same config is already there."""
     scene = SyntheticSceneConfig(seed=seed, **preset.scene, **(noise or {}))
     info_path = root / "dataset_info.json"
@@ -156,18 +207,24 @@ class RunResult:
     processor: Any = None
 
 
-def train_run(name: str, out: Path, data: Path, preset: Preset, objective: str, steps: int, seed: int,
-              methods: tuple[str, ...], extra: dict[str, Any] | None = None) -> RunResult:
-    run_dir = out / name
+def run_config(name: str, out: Path, data: Path, preset: DemoSettings, objective: str, steps: int, seed: int,
+               training: dict[str, Any] | None = None) -> PretrainConfig:
+    """The PretrainConfig of one run: the preset's ``training``, then the run's own overrides (an
+    ablation row's), then the fields the demo sets per run (``RUN_FIELDS`` and ``steps``)."""
+    settings = merge_overrides(preset.training, training or {})
+    clash = sorted(set(settings) & set(RUN_FIELDS))
+    if clash:
+        raise ValueError(f"run {name!r}: {clash} are set by the demo for each run, not by presets or ablations")
+    settings.update(objective=objective, train_data=str(data / "train"), steps=steps, save_every=max(steps // 4, 1),
+                    output_dir=str(out / name), seed=seed)
+    return PretrainConfig.from_dict(settings)
+
+
+def train_run(name: str, out: Path, data: Path, preset: DemoSettings, objective: str, steps: int, seed: int,
+              methods: tuple[str, ...], training: dict[str, Any] | None = None) -> RunResult:
+    config = run_config(name, out, data, preset, objective, steps, seed, training)
+    run_dir = Path(config.output_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
-    extra = dict(extra or {})
-    overrides = {"text_filter_threshold": preset.text_filter_threshold, **extra.pop("model_overrides", {})}
-    config = PretrainConfig(
-        arch=preset.arch, objective=objective, train_data=str(data / "train"), batch_size=preset.batch_size,
-        steps=steps, lr=preset.lr, eval_every=preset.eval_every, save_every=max(steps // 4, 1),
-        log_every=10, output_dir=str(run_dir), seed=seed, model_overrides=overrides,
-        num_workers=preset.num_workers, **extra,
-    )
     trainer = Trainer(config, eval_hook=curve_hook(data, methods, preset.curve_images))
     model = trainer.train()
     curve = [json.loads(line) for line in (run_dir / "eval_log.jsonl").read_text().splitlines()]
@@ -175,7 +232,7 @@ def train_run(name: str, out: Path, data: Path, preset: Preset, objective: str, 
     return RunResult(name, run_dir, steps, trainer.elapsed, curve, model.eval(), trainer.processor)
 
 
-def final_eval(run: RunResult, data: Path, methods: tuple[str, ...], preset: Preset) -> dict[str, Any]:
+def final_eval(run: RunResult, data: Path, methods: tuple[str, ...], preset: DemoSettings) -> dict[str, Any]:
     with torch.no_grad():
         return evaluate(run.model, run.processor, data, methods=methods, max_images=preset.test_images,
                         split="test", model_name=run.name)
@@ -191,7 +248,7 @@ def best_clip_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return max(clip_rows, key=lambda r: r["region_macc"])
 
 
-def goals_report(rows, rows_time, preset: Preset) -> dict[str, Any]:
+def goals_report(rows, rows_time, preset: DemoSettings) -> dict[str, Any]:
     cloc = next(r for r in rows if r["name"] == "cloc")
     out: dict[str, Any] = {}
     margin = preset.goals.get("region_macc_margin")
@@ -292,17 +349,19 @@ def draw_examples(run: RunResult, data: Path, path: Path, count: int = 6, scale:
     sheet.save(path)
 
 
-def write_report(out: Path, preset_name: str, preset: Preset, report: dict[str, Any]) -> None:
+def write_report(out: Path, preset_name: str, preset: DemoSettings, report: dict[str, Any]) -> None:
+    base = preset.base_config()
+    threshold = base.model_config().text_filter_threshold
     lines = [f"# CLOC vs CLIP in miniature (`{preset_name}` preset)", ""]
     lines += [
         f"Synthetic scenes ({preset.n_train} train / {preset.n_test} test images, 32 px, 5 shapes x 6 colours), "
-        f"`{preset.arch}`, batch {preset.batch_size}, lr {preset.lr}, one seed. CLIP is the same code and data "
+        f"`{base.arch}`, batch {base.batch_size}, lr {base.lr}, one seed. CLIP is the same code and data "
         "without region losses; its region numbers come from three baselines on its towers. Region-text "
-        f"false-negative filter: caption cosine > {preset.text_filter_threshold} (the paper uses 0.9; see the "
+        f"false-negative filter: caption cosine > {threshold} (the paper uses 0.9; see the "
         "`text_filter_threshold` note in `cloc_demo/demo.py` for why 0.9 stalls shape learning at this scale). "
         f"Scene knobs beyond the defaults: {json.dumps(preset.scene)} (`region_phrase=mention`: a region's phrase "
         "is the caption's own wording where the caption names the object, as VESL's phrases would be). "
-        f"{preset.steps} steps per run.",
+        f"{base.steps} steps per run.",
         "",
         "## Equal steps",
         "",
@@ -316,9 +375,9 @@ def write_report(out: Path, preset_name: str, preset: Preset, report: dict[str, 
     if report.get("ablations"):
         lines += ["", "## Ablations (paper Table 2 in miniature)", "", "| run | region mAcc | vs CLOC | paper's sign |",
                   "|---|---|---|---|"]
-        base = next(r for r in report["rows"] if r["name"] == "cloc")["region_macc"]
+        cloc_macc = next(r for r in report["rows"] if r["name"] == "cloc")["region_macc"]
         for row in report["ablations"]:
-            lines.append(f"| {row['name']} | {row['region_macc']:.1f} | {row['region_macc'] - base:+.1f} | {row['paper_sign']} |")
+            lines.append(f"| {row['name']} | {row['region_macc']:.1f} | {row['region_macc'] - cloc_macc:+.1f} | {row['paper_sign']} |")
     lines += ["", "## Goals", "", "```json", json.dumps(report["goals"], indent=1), "```", "",
               "![learning curves](learning_curves.png)", "", "![examples](examples.png)", "",
               "Examples: green = ground-truth box labelled with the Prompter's predicted class (red text = wrong), "
@@ -333,17 +392,20 @@ def write_report(out: Path, preset_name: str, preset: Preset, report: dict[str, 
 
 def run_demo(preset_name: str = "demo", out: str | Path = "runs/demo", seed: int = 0,
              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    preset = dataclasses.replace(PRESETS[preset_name], **(overrides or {}))
+    """Run preset ``preset_name`` with ``overrides`` (a ``PRESETS``-style dict, e.g.
+    ``{"ablations": ("text_filter_0.9",), "training": {"steps": 100}}``); returns the report."""
+    preset = resolve_preset(preset_name, overrides)
+    steps = preset.base_config().steps
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = ensure_data(out / "data", preset, seed)
     runs = {}
-    runs["cloc"] = train_run("cloc", out, data, preset, "cloc", preset.steps, seed, ("cloc",))
-    runs["clip"] = train_run("clip", out, data, preset, "clip", preset.steps, seed, CLIP_METHODS)
+    runs["cloc"] = train_run("cloc", out, data, preset, "cloc", steps, seed, ("cloc",))
+    runs["clip"] = train_run("clip", out, data, preset, "clip", steps, seed, CLIP_METHODS)
     if preset.equal_time_run:
-        per_step = runs["clip"].seconds / preset.steps
-        time_steps = max(preset.steps, round(runs["cloc"].seconds / per_step))
+        per_step = runs["clip"].seconds / steps
+        time_steps = max(steps, round(runs["cloc"].seconds / per_step))
         runs["clip-time"] = train_run("clip-time", out, data, preset, "clip", time_steps, seed, CLIP_METHODS)
 
     results = {"cloc": final_eval(runs["cloc"], data, ("cloc",), preset),
@@ -358,7 +420,7 @@ def run_demo(preset_name: str = "demo", out: str | Path = "runs/demo", seed: int
     for name in preset.ablations:
         spec = ABLATIONS[name]
         ab_data = ensure_data(out / f"data-{name}", preset, seed, spec["noise"]) if "noise" in spec else data
-        run = train_run(f"ablation-{name}", out, ab_data, preset, "cloc", preset.steps, seed, ("cloc",), spec["config"])
+        run = train_run(f"ablation-{name}", out, ab_data, preset, "cloc", steps, seed, ("cloc",), spec["training"])
         method = "cloc"
         res = final_eval(run, data, (method,), preset)
         row = dict(next(r for r in res["rows"] if r["name"] == method))
@@ -404,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = args.out or ("runs/demo" if args.preset == "demo" else f"runs/demo-{args.preset}")
-    overrides = {k: v for k, v in (("steps", args.steps), ("num_workers", args.num_workers)) if v is not None}
-    report = run_demo(args.preset, out, args.seed, overrides)
+    training = {k: v for k, v in (("steps", args.steps), ("num_workers", args.num_workers)) if v is not None}
+    report = run_demo(args.preset, out, args.seed, {"training": training})
     print((Path(out) / "report.md").read_text())
     print(f"total {report['total_seconds']:.0f} s; report in {out}/report.md")
     return 0

@@ -1,11 +1,17 @@
-"""CLOC configurations.
+"""CLOC configurations: the one home of every architecture and loss setting.
 
 The vision and text configs keep CLIP's key names (they subclass transformers' CLIP configs), so a
 ``CLIPConfig`` converts 1:1. :class:`CLOCPrompterConfig` holds every choice the paper leaves open,
-each as a documented field with the default this project picked.
+each as a documented field with the default this project picked. Training-run settings (data, steps,
+optimiser) live in ``training.config.PretrainConfig``; see ``docs/design.md`` section 10.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -17,7 +23,18 @@ POSITION_ENCODINGS = ("sinusoidal", "random_fourier")
 TEXT_ADAPTERS = ("linear", "mlp")
 BOX_ENCODINGS = ("corners", "corners_center")
 PROMPT_POSITIONS = ("token", "attention")
-GROUNDING_LOSSES = ("l2", "l1_giou")
+GROUNDING_LOSS_TYPES = ("l2", "l1_giou")
+# CLOCConfig fields that only change the loss, not the weights: the ones a run may change on a
+# loaded checkpoint (``training.config.PretrainConfig.init_from``).
+LOSS_SETTINGS = (
+    "region_loss_weight",
+    "text_filter_threshold",
+    "use_grounding_loss",
+    "grounding_loss_type",
+    "grounding_giou_weight",
+    "grounding_loss_weight",
+    "point_prompt_loss",
+)
 
 
 @strict
@@ -32,10 +49,10 @@ class CLOCVisionConfig(CLIPVisionConfig):
     base_config_key = "vision_config"
 
     conv_stem_channels: int = 0
-    r"""Channels of an optional 3x3 conv + GELU stem before the patchify conv (0 = none, CLIP's layout).
-    Only for tiny low-resolution models (the CPU demo): it lets 4x4 patches carry shape edges, which a
-    3-layer ViT otherwise takes thousands of steps to learn (CALIBRATION.md round 2 used one). The stem
-    conv is He-initialised; the patchify conv keeps CLIP's init."""
+    r"""Channels of an optional 3x3 conv + GELU stem before the patchify conv; default 0 = no stem
+    (CLIP's layout). For tiny low-resolution models only (the CPU demo): it lets 4x4 patches carry
+    shape edges, which a 3-layer ViT otherwise learns slowly. The stem conv is He-initialised (a
+    0.02-std init leaves the GELU near-linear); the patchify conv keeps CLIP's init."""
 
 
 @strict
@@ -87,9 +104,9 @@ class CLOCPrompterConfig(PreTrainedConfig):
             (DETR's query positions), so the pooled output carries what the token read from the image,
             not the box geometry. `"token"`: the code (+ the type embedding) *is* the prompt token, the
             literal reading of the paper; the geometry then also flows through the residual stream
-            into the pooled region embedding, which the region-text loss must learn to cancel. Measured
-            by `make ablations` (CPU, one seed, 600 steps, 2026-11-27): region mAcc 76.2 with
-            "attention", 65.4 with "token". Text prompts are unaffected.
+            into the pooled region embedding, which the region-text loss must learn to cancel. The
+            default is the better of the two in the demo's ablations (`docs/ablations_report.md`).
+            Text prompts are unaffected.
         image_position_encoding (`bool`, defaults to `True`):
             Add the same position encoding of each patch centre to the image tokens' keys (and queries
             in `"all"` mode), so corner tokens can find the patches they describe without relying on
@@ -162,25 +179,25 @@ class CLOCConfig(PreTrainedConfig):
         projection_dim (`int`, defaults to 512): shared embedding size.
         logit_scale_init_value (`float`, defaults to 2.6592): `log(1 / 0.07)`, CLIP's initial temperature.
         region_loss_weight (`float`, defaults to 1.0):
-            lambda in `L = L_CLIP + lambda * frac * (L_CLOC + L_grounding)`, where `frac` is the
-            fraction of images in the batch that carry region labels (DESIGN.md section 3).
+            lambda in `L = L_CLIP + lambda * frac * (L_CLOC + w_g * L_grounding)`, where `frac` is the
+            fraction of images in the batch that carry region labels (`docs/design.md` section 4);
+            1 weighs image and region terms equally, as the paper does.
         text_filter_threshold (`float`, *optional*, defaults to 0.9):
             Negative region-text pairs whose captions' text embeddings have cosine similarity above
-            this are dropped from the softmax denominators. `None` disables the filter (ablation).
-        use_grounding_loss (`bool`, defaults to `True`): include `L_grounding` (ablation switch).
-        grounding_loss (`str`, defaults to `"l2"`):
+            this are dropped from the softmax denominators; 0.9 is the paper's value. `None` disables
+            the filter (an ablation). The only place this threshold is set: the loss functions take
+            it from here.
+        use_grounding_loss (`bool`, defaults to `True`):
+            Include `L_grounding` (the paper does); `False` is the Table 2 ablation without it.
+        grounding_loss_type (`str`, defaults to `"l2"`):
             `"l2"` (the paper: mean squared error over the 4 coordinates) or `"l1_giou"` (L1 + GIoU,
-            DETR-style).
-        grounding_giou_weight (`float`, defaults to 1.0): weight of the GIoU term in `"l1_giou"`.
+            DETR-style). Was `grounding_loss` (still accepted, with a `FutureWarning`).
+        grounding_giou_weight (`float`, defaults to 1.0): weight of the GIoU term in `"l1_giou"` (DETR's
+            ratio of GIoU to L1 weight is close to 1).
         grounding_loss_weight (`float`, defaults to 1.0):
-            `w_g` in `L = L_CLIP + lambda * frac * (L_CLOC + w_g * L_grounding)`; 1 is the paper's
-            formula. The L2 box loss on normalised coordinates is small next to the contrastive terms,
-            and on the demo's scenes the box head stays near the mean box (REC Acc@0.5 7.3 after 600
-            steps, against 92 by ranking the same boxes). Raising the weight alone does not fix that
-            (600 steps, one seed: w_g 10 -> REC 7.0, region mAcc 77.6; w_g 50 -> 12.0 / 70.4); with
-            w_g 50 *and* a box head that reads the Prompter's pre-projection state with position codes
-            in the text pass's values it reached 65.1 (region mAcc 68.1), an experiment not in this
-            library yet.
+            `w_g` in the total loss above; 1 is the paper's formula. The L2 box loss on normalised
+            coordinates is small next to the contrastive terms, so a larger weight is a knob for
+            grounding quality.
         point_prompt_loss (`bool`, defaults to `False`):
             Beyond the paper (points are its "future work"): also train point prompts, using each
             region's box centre as a point with the same region-text loss (the two are averaged).
@@ -202,13 +219,15 @@ class CLOCConfig(PreTrainedConfig):
     region_loss_weight: float = 1.0
     text_filter_threshold: float | None = 0.9
     use_grounding_loss: bool = True
-    grounding_loss: str = "l2"
+    grounding_loss_type: str = "l2"
     grounding_giou_weight: float = 1.0
     grounding_loss_weight: float = 1.0
     point_prompt_loss: bool = False
     initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs):
+        if "grounding_loss" in kwargs:  # the field's old name (config.json files saved before the rename)
+            self._take_old_grounding_loss(kwargs.pop("grounding_loss"))
         super().__post_init__(**kwargs)
         # The paper's Prompter has the ViT's width; resolve "same as the ViT" once, here.
         if self.prompter_config.hidden_size is None:
@@ -217,14 +236,58 @@ class CLOCConfig(PreTrainedConfig):
         for tower in (self.text_config, self.vision_config):
             tower.projection_dim = self.projection_dim
 
+    def _take_old_grounding_loss(self, value) -> None:
+        """Accept ``grounding_loss`` (renamed ``grounding_loss_type``: the old name read like a switch)."""
+        if isinstance(value, bool):
+            raise ValueError(
+                f"CLOCConfig.grounding_loss={value!r}: the switch is `use_grounding_loss`, the kind of box "
+                f"loss is `grounding_loss_type` (one of {GROUNDING_LOSS_TYPES})"
+            )
+        default = type(self).__dataclass_fields__["grounding_loss_type"].default
+        if self.grounding_loss_type not in (default, value):
+            raise ValueError(
+                f"CLOCConfig.grounding_loss={value!r} (old name) conflicts with "
+                f"grounding_loss_type={self.grounding_loss_type!r}; give only grounding_loss_type"
+            )
+        warnings.warn(
+            "CLOCConfig.grounding_loss is renamed grounding_loss_type; the old key is read for now "
+            "(save the config again to update it)",
+            FutureWarning,
+            stacklevel=5,
+        )
+        self.grounding_loss_type = value
+
     def validate_architecture(self):
-        if self.grounding_loss not in GROUNDING_LOSSES:
-            raise ValueError(f"CLOCConfig.grounding_loss={self.grounding_loss!r}; expected one of {GROUNDING_LOSSES}")
+        if self.grounding_loss_type not in GROUNDING_LOSS_TYPES:
+            raise ValueError(
+                f"CLOCConfig.grounding_loss_type={self.grounding_loss_type!r}; expected one of {GROUNDING_LOSS_TYPES}"
+            )
         for name in ("region_loss_weight", "grounding_loss_weight", "grounding_giou_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CLOCConfig.{name}={getattr(self, name)} must be >= 0")
         if self.text_filter_threshold is not None and not -1.0 <= self.text_filter_threshold <= 1.0:
             raise ValueError(f"CLOCConfig.text_filter_threshold={self.text_filter_threshold} must be a cosine in [-1, 1]")
+
+
+_SUB_CONFIGS = {"text_config": CLOCTextConfig, "vision_config": CLOCVisionConfig, "prompter_config": CLOCPrompterConfig}
+_OLD_NAMES = {"grounding_loss": "grounding_loss_type"}  # still read, with a FutureWarning
+
+
+def check_config_overrides(overrides: Mapping[str, Any], where: str = "config overrides") -> None:
+    """Raise a ``ValueError`` naming any key that is not a :class:`CLOCConfig` field.
+
+    Sub-config overrides given as dicts are checked against their own config's fields. Without this a
+    misspelt key would be stored as an unused attribute (``PreTrainedConfig`` keeps unknown keys).
+    """
+    known = {f.name for f in dataclasses.fields(CLOCConfig)} | set(_OLD_NAMES)
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"{where}: {key!r} is not a CLOCConfig field (known: {', '.join(sorted(known))})")
+        if key in _SUB_CONFIGS and isinstance(value, Mapping):
+            sub_known = {f.name for f in dataclasses.fields(_SUB_CONFIGS[key])}
+            unknown = sorted(set(value) - sub_known)
+            if unknown:
+                raise ValueError(f"{where}: {key} has no field(s) {unknown} (a {_SUB_CONFIGS[key].__name__})")
 
 
 __all__ = ["CLOCConfig", "CLOCPrompterConfig", "CLOCTextConfig", "CLOCVisionConfig"]

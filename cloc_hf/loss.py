@@ -1,4 +1,8 @@
-"""CLOC's losses (DESIGN.md section 3) as pure functions.
+"""CLOC's losses (``docs/design.md`` section 4) as pure functions.
+
+The loss settings (filter threshold, weights, box-loss type) have their one home in
+:class:`~cloc_hf.CLOCConfig`; these functions take them as required arguments and keep no defaults
+of their own, so a value cannot silently differ between the config and the loss.
 
 Each contrastive loss is written *local-by-global*: the rows are this process's items, the columns
 all items of the global batch (``all_*`` arguments, gathered with gradients by the caller), and
@@ -64,7 +68,7 @@ def region_text_contrastive_loss(
     region_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
     logit_scale: torch.Tensor,
-    filter_threshold: float | None = 0.9,
+    filter_threshold: float | None,
     *,
     all_region_embeds: torch.Tensor | None = None,
     all_text_embeds: torch.Tensor | None = None,
@@ -78,7 +82,8 @@ def region_text_contrastive_loss(
             negatives are all regions of all images in the batch, other regions of the same image included.
         logit_scale: exponentiated temperature (a scalar tensor).
         filter_threshold: negatives whose captions have text cosine > threshold are removed from the
-            softmax denominators (both directions); ``None`` disables the filter.
+            softmax denominators (both directions); ``None`` disables the filter. Required: the value
+            comes from ``CLOCConfig.text_filter_threshold``.
     """
     all_region_embeds = region_embeds if all_region_embeds is None else all_region_embeds
     all_text_embeds = text_embeds if all_text_embeds is None else all_text_embeds
@@ -101,8 +106,9 @@ def grounding_loss(
 ) -> torch.Tensor:
     """Box regression of ``(R, 4)`` normalised xyxy boxes.
 
-    ``"l2"``: squared error averaged over the 4 coordinates (the paper). ``"l1_giou"``: L1 averaged
-    over coordinates + ``giou_weight * (1 - GIoU)``.
+    ``kind`` (``CLOCConfig.grounding_loss_type``): ``"l2"``, squared error averaged over the 4
+    coordinates (the paper, hence the default); ``"l1_giou"``, L1 averaged over coordinates +
+    ``giou_weight * (1 - GIoU)``.
     """
     if pred_boxes.shape[0] == 0:
         return pred_boxes.sum() * 0.0
@@ -114,8 +120,6 @@ def grounding_loss(
     else:
         raise ValueError(f"unknown grounding loss {kind!r}; expected 'l2' or 'l1_giou'")
     return per_box.sum() if reduction == "sum" else per_box.mean()
-
-
 
 
 class LocalCommunicator:
@@ -147,17 +151,19 @@ def cloc_losses(
     pred_boxes: torch.Tensor | None = None,
     target_boxes: torch.Tensor | None = None,
     images_with_regions: torch.Tensor | None = None,
-    region_loss_weight: float = 1.0,
-    text_filter_threshold: float | None = 0.9,
-    grounding_kind: str = "l2",
-    grounding_giou_weight: float = 1.0,
-    grounding_loss_weight: float = 1.0,
+    region_loss_weight: float,
+    text_filter_threshold: float | None,
+    grounding_loss_type: str,
+    grounding_giou_weight: float,
+    grounding_loss_weight: float,
     comm=None,
 ) -> dict[str, torch.Tensor | None]:
     """``L = L_CLIP + lambda * frac * (L_CLOC + w_g * L_grounding)`` over the *global* batch.
 
-    ``w_g`` (``grounding_loss_weight``) is 1 in the paper's formula; ``loss_grounding`` in the output
-    is the unweighted term.
+    The five settings ``region_loss_weight`` (lambda), ``text_filter_threshold``,
+    ``grounding_loss_type``, ``grounding_giou_weight`` and ``grounding_loss_weight`` (``w_g``) are
+    :class:`~cloc_hf.CLOCConfig`'s fields of the same names (required here: the config is their one
+    home). ``loss_grounding`` in the output is the unweighted term.
 
     All embeddings are this rank's, L2-normalised. Each term is a sum over this rank's rows divided by
     the global row count and multiplied by ``world_size``: averaging the ranks' losses (as DDP averages
@@ -165,15 +171,10 @@ def cloc_losses(
     regions. ``images_with_regions`` is a bool ``(B,)`` tensor; ``frac`` is its global mean.
     """
     comm = comm or LocalCommunicator()
-    world = comm.world_size
-
-    def normalised(local_sum: torch.Tensor, local_count: int) -> torch.Tensor:
-        total = comm.sum(torch.tensor(float(local_count), device=local_sum.device))
-        return local_sum / total.clamp(min=1) * world
-
     all_images, offset = comm.gather(image_embeds)
     all_texts, _ = comm.gather(text_embeds)
-    loss_clip = normalised(
+    loss_clip = _global_mean(
+        comm,
         clip_contrastive_loss(
             image_embeds=image_embeds,
             text_embeds=text_embeds,
@@ -194,27 +195,14 @@ def cloc_losses(
         frac = comm.sum(flags.sum()) / comm.sum(torch.tensor(float(flags.numel()), device=flags.device))
     region_weight = region_loss_weight * frac
 
-    def region_term(regions: torch.Tensor) -> torch.Tensor:
-        all_regions, r_offset = comm.gather(regions)
-        all_region_texts, _ = comm.gather(region_text_embeds)
-        local = region_text_contrastive_loss(
-            regions,
-            region_text_embeds,
-            logit_scale,
-            text_filter_threshold,
-            all_region_embeds=all_regions,
-            all_text_embeds=all_region_texts,
-            offset=r_offset,
-            reduction="sum",
-        )
-        return normalised(local, regions.shape[0])
-
-    loss_region = region_term(region_embeds)
+    loss_region = _region_term(comm, region_embeds, region_text_embeds, logit_scale, text_filter_threshold)
     if point_region_embeds is not None:
-        loss_region = 0.5 * (loss_region + region_term(point_region_embeds))
+        point_term = _region_term(comm, point_region_embeds, region_text_embeds, logit_scale, text_filter_threshold)
+        loss_region = 0.5 * (loss_region + point_term)
     if pred_boxes is not None:
-        loss_grounding = normalised(
-            grounding_loss(pred_boxes, target_boxes, grounding_kind, grounding_giou_weight, reduction="sum"),
+        loss_grounding = _global_mean(
+            comm,
+            grounding_loss(pred_boxes, target_boxes, grounding_loss_type, grounding_giou_weight, reduction="sum"),
             pred_boxes.shape[0],
         )
     else:
@@ -226,6 +214,30 @@ def cloc_losses(
         region_weight=region_weight,
     )
     return out
+
+
+def _global_mean(comm, local_sum: torch.Tensor, local_count: int) -> torch.Tensor:
+    """This rank's summed loss over the global row count, times ``world_size`` (see :func:`cloc_losses`)."""
+    total = comm.sum(torch.tensor(float(local_count), device=local_sum.device))
+    return local_sum / total.clamp(min=1) * comm.world_size
+
+
+def _region_term(comm, regions: torch.Tensor, region_texts: torch.Tensor, logit_scale: torch.Tensor,
+                 text_filter_threshold: float | None) -> torch.Tensor:
+    """The region-text loss of this rank's regions against the global batch, as a global mean."""
+    all_regions, r_offset = comm.gather(regions)
+    all_region_texts, _ = comm.gather(region_texts)
+    local = region_text_contrastive_loss(
+        regions,
+        region_texts,
+        logit_scale,
+        text_filter_threshold,
+        all_region_embeds=all_regions,
+        all_text_embeds=all_region_texts,
+        offset=r_offset,
+        reduction="sum",
+    )
+    return _global_mean(comm, local, regions.shape[0])
 
 
 __all__ = [

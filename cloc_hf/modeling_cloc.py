@@ -803,7 +803,7 @@ class CLOCModel(CLOCPreTrainedModel):
             images_with_regions=outputs.images_with_regions,
             region_loss_weight=config.region_loss_weight,
             text_filter_threshold=config.text_filter_threshold,
-            grounding_kind=config.grounding_loss,
+            grounding_loss_type=config.grounding_loss_type,
             grounding_giou_weight=config.grounding_giou_weight,
             grounding_loss_weight=config.grounding_loss_weight,
             comm=comm,

@@ -1,6 +1,7 @@
 """Named CLOC architectures: ``list_models()`` / ``create_model(name)`` / ``get_model_config(name)``.
 
-Sizes map to hyper-parameters here and nowhere else. The paper's sizes are ViT-B/16 @224, ViT-L/14
+Sizes map to hyper-parameters here and nowhere else (settings that are not about size keep their
+:class:`~cloc_hf.CLOCConfig` defaults; pass them as overrides). The paper's sizes are ViT-B/16 @224, ViT-L/14
 @224/336 and ViT-H/14 @336 with CLIP's text towers; the ``tiny`` entries are for tests and CPU demos.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .configuration_cloc import CLOCConfig
+from .configuration_cloc import CLOCConfig, check_config_overrides
 
 _TEXT_B = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
 _TEXT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -44,7 +45,8 @@ _MODELS: dict[str, dict[str, Any]] = {
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
         projection_dim=32,
     ),
-    # CPU demo: the regime of CALIBRATION.md round 2 (96-d x 3 layers, 32 px, patch 4)
+    # CPU demo (`make demo`): 96-d x 3 layers, 32 px, patch 4, a conv stem so 4x4 patches see edges;
+    # the smallest ViT that learns the synthetic scenes' shapes within minutes on 2 CPU cores
     "cloc-tiny-demo": dict(
         vision_config={**_vit(96, 3, 4, 4, 32), "conv_stem_channels": 32},
         text_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
@@ -59,9 +61,14 @@ def list_models() -> list[str]:
 
 
 def get_model_config(name: str, **overrides: Any) -> CLOCConfig:
-    """The :class:`CLOCConfig` of a named architecture; keyword overrides are merged (sub-configs as dicts)."""
+    """The :class:`CLOCConfig` of a named architecture; keyword overrides are merged (sub-configs as dicts).
+
+    An override that is not a ``CLOCConfig`` field (or a sub-config field) raises a ``ValueError``
+    naming it, instead of being stored as an unused attribute.
+    """
     if name not in _MODELS:
         raise ValueError(f"unknown CLOC architecture {name!r}; available: {', '.join(list_models())}")
+    check_config_overrides(overrides, where=f"get_model_config({name!r})")
     kwargs = copy.deepcopy(_MODELS[name])
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(kwargs.get(key), dict):

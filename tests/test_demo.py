@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,85 @@ def test_ablation_rows_run_and_change_what_they_say(tmp_path):
     noisy = json.loads((tmp_path / "data-noisy_labels" / "demo_data.json").read_text())["config"]
     assert noisy["missed_region_prob"] > 0 and noisy["region_phrase"] == "mention"
     assert "Ablations" in (tmp_path / "report.md").read_text()
+
+
+# Every run's effective settings as they were when the presets were a dataclass mirroring PretrainConfig
+# (arch, objective, steps, batch, lr, eval_every, save_every, regions the collator samples per image,
+# text-filter threshold, prompter type, prompt position, grounding loss on): the named overrides must
+# resolve to exactly these, so `make demo`, `make demo-long` and `make ablations` train the same runs.
+RESOLVED_BEFORE = {
+    "demo/cloc": ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "attention", True),
+    "demo/clip": ("cloc-tiny-demo", "clip", 600, 128, 0.0015, 100, 150, 0, 0.9999, "transformer", "attention", True),
+    "long/cloc": ("cloc-tiny-demo", "cloc", 1500, 128, 0.0015, 250, 375, 4, 0.9999, "transformer", "attention", True),
+    "long/clip": ("cloc-tiny-demo", "clip", 1500, 128, 0.0015, 250, 375, 0, 0.9999, "transformer", "attention", True),
+    "ablations/cloc": ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "attention", True),
+    "ablations/ablation-roi_align":
+        ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "roi_align", "attention", True),
+    "ablations/ablation-no_text_filter":
+        ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, None, "transformer", "attention", True),
+    "ablations/ablation-no_grounding":
+        ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "attention", False),
+    "ablations/ablation-m2": ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 2, 0.9999, "transformer", "attention", True),
+    "ablations/ablation-noisy_labels":
+        ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "attention", True),
+    "ablations/ablation-prompt_token":
+        ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "token", True),
+}
+# the only CLOCConfig entries a demo run may change relative to its named architecture
+OVERRIDABLE = {"text_filter_threshold", "use_grounding_loss", "prompter_config.prompter_type",
+               "prompter_config.prompt_position"}
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def test_presets_resolve_to_the_same_runs_as_before(tmp_path):
+    import cloc_hf
+    from cloc_demo.demo import ABLATIONS, resolve_preset, run_config
+
+    seen = set()
+    for key, expected in RESOLVED_BEFORE.items():
+        preset_name, run = key.split("/")
+        preset = resolve_preset(preset_name)
+        ablation = run.removeprefix("ablation-") if run.startswith("ablation-") else None
+        assert ablation is None or ablation in preset.ablations
+        objective = "clip" if run == "clip" else "cloc"
+        steps = preset.base_config().steps
+        config = run_config(run, tmp_path, tmp_path, preset, objective, steps, 0,
+                            ABLATIONS[ablation]["training"] if ablation else None)
+        model = config.model_config()
+        got = (config.arch, config.objective, config.steps, config.batch_size, config.lr, config.eval_every,
+               config.save_every, config.collator_regions, model.text_filter_threshold,
+               model.prompter_config.prompter_type, model.prompter_config.prompt_position, model.use_grounding_loss)
+        assert got == expected, key
+        changed = {k for k, v in _flat(model.to_dict()).items()
+                   if v != _flat(cloc_hf.get_model_config(config.arch).to_dict()).get(k)}
+        assert changed <= OVERRIDABLE, (key, changed - OVERRIDABLE)
+        seen.add(preset_name)
+    assert seen == {"demo", "long", "ablations"}
+    assert resolve_preset("ablations").ablations == (
+        "roi_align", "no_text_filter", "no_grounding", "m2", "noisy_labels", "prompt_token")
+
+
+def test_presets_are_overrides_not_a_mirror_of_pretrain_config():
+    import dataclasses
+
+    from cloc_demo.demo import ABLATIONS, DemoSettings, resolve_preset, run_config
+    from training.config import PretrainConfig
+
+    pretrain_fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    assert not {f.name for f in dataclasses.fields(DemoSettings)} & pretrain_fields
+    for name, spec in ABLATIONS.items():  # every row is PretrainConfig overrides
+        assert set(spec["training"]) <= pretrain_fields, name
+        PretrainConfig.from_dict(spec["training"])
+    with pytest.raises(ValueError, match=r"\['steps'\] are not DemoSettings fields"):
+        resolve_preset("demo", {"steps": 10})  # training settings go under "training"
+    assert resolve_preset("demo", {"training": {"steps": 10}}).base_config().steps == 10
+    with pytest.raises(ValueError, match="unknown ablations"):
+        resolve_preset("demo", {"ablations": ("no_such_row",)})
+    with pytest.raises(ValueError, match=r"\['seed'\] are set by the demo"):
+        run_config("x", Path("."), Path("."), resolve_preset("demo"), "cloc", 1, 0, {"seed": 3})

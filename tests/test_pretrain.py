@@ -41,9 +41,12 @@ def _args(data, out_dir, steps, **extra):
 def test_config_load_overrides_and_errors(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('steps = 7\nobjective = "clip"\n[model_overrides]\nprojection_dim = 16\n')
-    config = PretrainConfig.load(path, ["batch_size=3", "text_filter=false"])
-    assert (config.steps, config.objective, config.batch_size, config.regions_per_image) == (7, "clip", 3, 0)
-    assert config.model_config_overrides()["text_filter_threshold"] is None
+    config = PretrainConfig.load(path, ["batch_size=3", 'model_overrides={"text_filter_threshold": null}',
+                                        "model_overrides.prompter_config.pooling=all"])
+    assert (config.steps, config.objective, config.batch_size, config.collator_regions) == (7, "clip", 3, 0)
+    model_config = config.model_config()  # the file's override is kept: --set merges into it
+    assert model_config.text_filter_threshold is None and model_config.projection_dim == 16
+    assert model_config.prompter_config.pooling == "all"
     with pytest.raises(ValueError, match="unknown pretraining config fields"):
         PretrainConfig.load(None, ["stepz=3"])
     with pytest.raises(ValueError, match="objective"):
@@ -168,7 +171,8 @@ def test_continued_pretraining_from_a_converted_checkpoint(synthetic_data, tmp_p
     source.save_pretrained(tmp_path / "src")
     cloc_hf.CLOCProcessor.offline(size=32).save_pretrained(tmp_path / "src")
     config = PretrainConfig(init_from=str(tmp_path / "src"), train_data=str(synthetic_data / "train"), steps=2,
-                            batch_size=8, output_dir=str(tmp_path / "out"), progress=False, text_filter=False)
+                            batch_size=8, output_dir=str(tmp_path / "out"), progress=False,
+                            model_overrides={"text_filter_threshold": None})
     trainer = Trainer(config)
     start = trainer.unwrapped.state_dict()
     for name, value in source.state_dict().items():

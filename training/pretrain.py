@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-import cloc_hf
 from cloc_hf import CLOCModel, CLOCProcessor
+from cloc_hf.configuration_cloc import LOSS_SETTINGS
 
 from .config import PretrainConfig
 from cloc_data.loader import EpochBatchSampler, RegionTextCollator, RegionTextDataset, StreamingRegionTextDataset
@@ -57,14 +57,46 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def build_model(config: PretrainConfig) -> CLOCModel:
-    overrides = config.model_config_overrides()
+    """The run's model: the named ``arch`` with ``model_overrides`` (fresh weights), or the ``init_from``
+    checkpoint with them applied (:func:`load_with_overrides`)."""
     if config.init_from:
-        model = CLOCModel.from_pretrained(config.init_from)
-        for key, value in overrides.items():  # ablation switches that do not change shapes
-            if key != "prompter_config":
-                setattr(model.config, key, value)
+        return load_with_overrides(config)
+    return CLOCModel(config.model_config())
+
+
+# The modules a prompter_config change rebuilds; every other weight of a checkpoint is kept.
+PROMPTER_MODULES = ("prompter.", "box_head.")
+
+
+def load_with_overrides(config: PretrainConfig) -> CLOCModel:
+    """Load ``config.init_from`` and apply ``model_overrides``; nothing is dropped.
+
+    Loss settings are set on the loaded config. A ``prompter_config`` that differs from the
+    checkpoint's rebuilds the Prompter and box head from the new settings with fresh weights (their
+    trained weights belong to the old design) and says so once in the log; the towers, projections
+    and temperature keep the checkpoint's weights. Other overrides were refused by
+    :meth:`PretrainConfig.validate`.
+    """
+    model = CLOCModel.from_pretrained(config.init_from)
+    if not config.model_overrides:
         return model
-    return CLOCModel(cloc_hf.get_model_config(config.arch, **overrides))
+    wanted = config.model_config(base=model.config)
+    if wanted.prompter_config.to_dict() == model.config.prompter_config.to_dict():
+        for key in LOSS_SETTINGS:
+            setattr(model.config, key, getattr(wanted, key))
+        return model
+    rebuilt = CLOCModel(wanted)
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith(PROMPTER_MODULES)}
+    missing, unexpected = rebuilt.load_state_dict(kept, strict=False)
+    stray = [k for k in missing if not k.startswith(PROMPTER_MODULES)] + list(unexpected)
+    if stray:
+        raise RuntimeError(f"init_from={config.init_from!r}: weights {stray[:5]} do not fit the overridden model")
+    logger.warning(
+        "init_from=%s with prompter_config overrides %s: the Prompter and box head are rebuilt with fresh "
+        "weights; all other weights come from the checkpoint",
+        config.init_from, config.model_overrides["prompter_config"],
+    )
+    return rebuilt
 
 
 def build_processor(config: PretrainConfig, model: CLOCModel) -> CLOCProcessor:
@@ -112,7 +144,7 @@ def _fill_deepspeed_autos(ds_config: dict[str, Any], config: PretrainConfig, wor
 
 
 def make_accelerator(config: PretrainConfig):
-    """An ``Accelerator`` that works on CPU-only machines too (gloo; see ENVIRONMENT.md)."""
+    """An ``Accelerator`` that also works on CPU-only machines (gloo instead of NCCL)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
@@ -241,7 +273,7 @@ class Trainer:
         self.processor = build_processor(config, self.model)
         if not config.train_data:
             raise ValueError("train_data is empty: point it at a folder of region-text shards")
-        self.collator = RegionTextCollator(self.processor, max_regions=config.regions_per_image, seed=config.seed)
+        self.collator = RegionTextCollator(self.processor, max_regions=config.collator_regions, seed=config.seed)
         if config.streaming:
             self.dataset = StreamingRegionTextDataset(
                 config.train_data, rank=acc.process_index, world_size=acc.num_processes, seed=config.seed,
