@@ -26,6 +26,9 @@ def _register() -> None:
         cls.register_for_auto_class()
     for cls in (CLOCModel, CLOCVisionModel):
         cls.register_for_auto_class("AutoModel")
+    # so a `trust_remote_code` user's AutoProcessor gets the processor (not only the tokenizer)
+    CLOCProcessor.register_for_auto_class()
+    CLOCImageProcessor.register_for_auto_class()
 
 
 _register()

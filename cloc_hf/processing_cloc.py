@@ -5,9 +5,11 @@
     # inputs: pixel_values (B,3,S,S), original_sizes (B,2), boxes [B x (n_i,4)], input_ids, attention_mask
     pixel_boxes = processor.post_process_boxes(predicted_boxes, inputs["original_sizes"])
 
-``save_pretrained`` writes ``processor_config.json`` (with the image processor nested in it) and the
-tokenizer files; ``CLOCProcessor.from_pretrained(dir)`` reads them back without needing any auto-class
-registration, and ``AutoProcessor.from_pretrained(dir)`` works once ``cloc_hf`` has registered the class.
+``save_pretrained`` writes ``processor_config.json`` (with the image processor nested in it), the
+tokenizer files and, once ``import cloc_hf`` has registered the classes, an ``auto_map`` and copies of
+this module and the ones it imports. ``CLOCProcessor.from_pretrained(dir)`` reads them back without any
+registration; ``AutoProcessor.from_pretrained(dir)`` works after ``import cloc_hf``, or with
+``trust_remote_code=True`` where this package is not installed (the code then comes from ``dir``).
 """
 
 from __future__ import annotations
@@ -105,12 +107,15 @@ class CLOCProcessor(ProcessorMixin):
         Image-processor settings (``size``, ``resize_mode``...) given as keyword arguments override the
         saved ones; hub arguments (``cache_dir``, ``revision``, ``local_files_only``...) apply to both
         parts. The image processor is loaded by class rather than through ``AutoImageProcessor``, so this
-        works before (and without) any auto-class registration.
+        works before (and without) any auto-class registration; ``trust_remote_code`` (passed by
+        ``AutoProcessor``) goes to ``AutoTokenizer``, which would otherwise ask about the ``auto_map``.
         """
-        kwargs.pop("trust_remote_code", None)  # passed by AutoProcessor; nothing here is remote code
+        trust_remote_code = kwargs.pop("trust_remote_code", None)
         image_kwargs = {k: kwargs.pop(k) for k in PREPROCESS_SETTINGS if k in kwargs}
         image_processor = CLOCImageProcessor.from_pretrained(
             pretrained_model_name_or_path, **kwargs, **image_kwargs
         )
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs
+        )
         return cls(image_processor=image_processor, tokenizer=tokenizer)

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoProcessor, CLIPImageProcessorPil, PreTrainedConfig
 from transformers.models.auto.processing_auto import processor_class_from_name
 
-from cloc_hf.image_processing_cloc import CLOCImageProcessor, load_rgb_image
+from cloc_hf.image_inputs import load_rgb_image
+from cloc_hf.image_processing_cloc import CLOCImageProcessor
 from cloc_hf.processing_cloc import CLOCProcessor
 from cloc_hf.tokenization import VOCAB_SIZE, build_clip_tokenizer, find_bpe_file, load_clip_vocab
 

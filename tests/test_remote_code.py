@@ -1,0 +1,150 @@
+"""A hub user without this package: ``trust_remote_code=True`` gets the whole processor and the model.
+
+The checkpoint is written as training and conversion write it (``model.save_pretrained`` then
+``processor.save_pretrained`` into one folder) and read back in a fresh interpreter in which the
+project's packages cannot be imported, so every class must come from the code copied into the folder.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cloc_hf
+from cloc_hf import CLOCProcessor
+
+REPO = Path(__file__).resolve().parents[1]
+# the project's top-level packages: none may be importable in the "hub user" process
+PROJECT_PACKAGES = sorted(p.name for p in REPO.iterdir() if (p / "__init__.py").is_file())
+SIZE = 32  # cloc-tiny's image size
+TEXT = ["a red box", "a photo of a cat"]
+BOXES = [[2.0, 3.0, 20.0, 25.0], [0.0, 0.0, 45.0, 30.0]]
+
+HUB_USER_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+
+    ckpt, image_path, out_dir, hidden = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+
+    class NotInstalled:
+        '''Makes the project's packages unimportable, as for a user who never installed them.'''
+
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name.split(".")[0] in hidden:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    def is_editable_hook(entry):
+        return (getattr(entry, "__module__", "") or type(entry).__module__).startswith("__editable__")
+
+    sys.meta_path[:] = [NotInstalled] + [f for f in sys.meta_path if not is_editable_hook(f)]
+    sys.path[:] = [p for p in sys.path if "__editable__" not in p]
+    for name in hidden:
+        try:
+            __import__(name)
+        except ModuleNotFoundError:
+            continue
+        raise AssertionError(f"{name} is still importable")
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoImageProcessor, AutoModel, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=True)
+    image_processor = AutoImageProcessor.from_pretrained(ckpt, trust_remote_code=True)
+    model = AutoModel.from_pretrained(ckpt, trust_remote_code=True).eval()
+    text, boxes = json.loads(sys.argv[5]), json.loads(sys.argv[6])
+    inputs = processor(images=[image_path], text=text, boxes=[boxes])
+    with torch.no_grad():
+        image_embeds = model.get_image_features(inputs["pixel_values"]).pooler_output
+    tensors = {k: inputs[k] for k in ("pixel_values", "original_sizes", "input_ids", "attention_mask")}
+    tensors["boxes"] = inputs["boxes"][0]
+    tensors["image_processor_pixel_values"] = image_processor(image_path)["pixel_values"]
+    tensors["image_embeds"] = image_embeds
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir + "/remote.safetensors")
+    classes = {"processor": processor, "image_processor": processor.image_processor,
+               "standalone_image_processor": image_processor, "tokenizer": processor.tokenizer, "model": model}
+    print(json.dumps({
+        "classes": {k: [type(v).__module__, type(v).__name__] for k, v in classes.items()},
+        "project_modules": sorted(m for m in sys.modules if m.split(".")[0] in hidden),
+    }))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A cloc-tiny checkpoint with its processor, as training and conversion save them."""
+    folder = tmp_path_factory.mktemp("remote") / "ckpt"
+    torch.manual_seed(0)
+    model = cloc_hf.create_model("cloc-tiny").eval()
+    processor = CLOCProcessor.offline(size=SIZE)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, processor
+
+
+def test_save_pretrained_writes_auto_map_and_code(checkpoint):
+    folder, _, _ = checkpoint
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_cloc.CLOCProcessor"
+    assert (
+        processor_config["image_processor"]["auto_map"]["AutoImageProcessor"]
+        == "image_processing_cloc.CLOCImageProcessor"
+    )
+    model_auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert model_auto_map["AutoModel"] == "modeling_cloc.CLOCModel"
+    for module in ("processing_cloc", "image_processing_cloc", "modeling_cloc", "configuration_cloc"):
+        assert (folder / f"{module}.py").is_file(), module
+
+
+def test_hub_user_without_the_package_gets_the_full_processor_and_model(checkpoint, tmp_path):
+    folder, model, processor = checkpoint
+    rng = np.random.default_rng(0)
+    image_path = tmp_path / "image.png"
+    PIL.Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)).save(image_path)
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    }
+    # -I: no PYTHONPATH, no user site, no script or working directory on sys.path
+    argv = [sys.executable, "-I", "-c", HUB_USER_SCRIPT, str(folder), str(image_path), str(tmp_path)]
+    argv += [",".join(PROJECT_PACKAGES), json.dumps(TEXT), json.dumps(BOXES)]
+    result = subprocess.run(
+        argv, capture_output=True, text=True, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["project_modules"] == []
+    classes = report["classes"]
+    for key, name in (
+        ("processor", "CLOCProcessor"),
+        ("image_processor", "CLOCImageProcessor"),
+        ("standalone_image_processor", "CLOCImageProcessor"),
+        ("model", "CLOCModel"),
+    ):
+        module, class_name = classes[key]
+        assert class_name == name and module.startswith("transformers_modules."), (key, classes[key])
+    assert classes["tokenizer"][1] == "CLIPTokenizer"
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+
+    remote = load_file(str(tmp_path / "remote.safetensors"))
+    expected = processor(images=[image_path], text=TEXT, boxes=[BOXES])
+    for key in ("pixel_values", "original_sizes", "input_ids", "attention_mask"):
+        assert torch.equal(remote[key], expected[key]), key
+    assert torch.equal(remote["boxes"], expected["boxes"][0])
+    assert torch.equal(remote["image_processor_pixel_values"], expected["pixel_values"][:1])
+    with torch.no_grad():
+        image_embeds = model.get_image_features(expected["pixel_values"]).pooler_output
+    torch.testing.assert_close(remote["image_embeds"], image_embeds)
