@@ -304,6 +304,7 @@ def training_summary(pretrain: Mapping[str, Any]) -> str:
     values = {"objective": "cloc", "max_regions": 4, "beta1": 0.9, "beta2": 0.98, "precision": "auto", "seed": 0}
     values.update({k: "?" for k in ("steps", "batch_size", "lr", "weight_decay")})
     values.update({k: v for k, v in pretrain.items() if v is not None})
+    values["max_regions"] = pretrain.get("regions_per_image", values["max_regions"])  # PretrainConfig's new name
     return _snippet("training", **values)
 
 

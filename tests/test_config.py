@@ -145,3 +145,10 @@ def test_init_from_applies_prompter_overrides_with_one_notice(checkpoint, caplog
 def test_init_from_refuses_overrides_that_change_loaded_weights(checkpoint):
     with pytest.raises(ValueError, match=r"\['projection_dim'\].*init_from="):
         PretrainConfig(init_from=str(checkpoint), model_overrides={"projection_dim": 16})
+
+
+def test_model_card_reads_the_renamed_regions_per_image():
+    from model_cards.generate import training_summary
+
+    assert "up to 2 regions per image" in training_summary(PretrainConfig(regions_per_image=2).to_dict())
+    assert "up to 3 regions per image" in training_summary({"max_regions": 3})  # a pretrain_config.json of before
