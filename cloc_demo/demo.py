@@ -28,7 +28,9 @@ import torch
 
 from eval.region import load_coco_regions, region_recognition
 from eval.report import render_markdown
-from eval.runner import evaluate, jsonable
+from eval.results import CLIP_METHODS, jsonable, markdown_table, save_results
+from eval.runner import evaluate
+from model_cards import paper_number, write_demo_card
 
 from training.config import PretrainConfig
 from training.pretrain import Trainer
@@ -36,7 +38,6 @@ from cloc_data.synthetic import SyntheticSceneConfig, write_synthetic_dataset
 
 logger = logging.getLogger("cloc.demo")
 
-CLIP_METHODS = ("clip-crop", "clip-maskbg", "clip-roi")
 CURVE_METRIC = "region_macc"
 
 
@@ -113,7 +114,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # with what the paper reports that switch did to region recognition relative to full CLOC.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "roi_align": {"training": {"model_overrides": {"prompter_config": {"prompter_type": "roi_align"}}},
-                  "paper_sign": "lower (71.1 -> 67.1 COCO mAcc, ViT-B/16)"},
+                  "paper_sign": f"lower ({paper_number('cloc-vit-b-16', 'coco_macc')} -> "
+                                f"{paper_number('cloc-vit-b-16', 'coco_macc_roi_align')} COCO mAcc, ViT-B/16)"},
     "no_text_filter": {"training": {"model_overrides": {"text_filter_threshold": None}}, "paper_sign": "lower"},
     "text_filter_0.9": {"training": {"model_overrides": {"text_filter_threshold": 0.9}},
                         "paper_sign": "the paper's setting (0.9 on caption-embedding cosine)"},
@@ -373,11 +375,11 @@ def write_report(out: Path, preset_name: str, preset: DemoSettings, report: dict
                       f"{t['clip-time']['seconds']:.0f} s; CLOC {t['cloc']['steps']} steps in {t['cloc']['seconds']:.0f} s)",
                   "", render_markdown(report["rows_equal_time"])]
     if report.get("ablations"):
-        lines += ["", "## Ablations (paper Table 2 in miniature)", "", "| run | region mAcc | vs CLOC | paper's sign |",
-                  "|---|---|---|---|"]
         cloc_macc = next(r for r in report["rows"] if r["name"] == "cloc")["region_macc"]
-        for row in report["ablations"]:
-            lines.append(f"| {row['name']} | {row['region_macc']:.1f} | {row['region_macc'] - cloc_macc:+.1f} | {row['paper_sign']} |")
+        table = [{**row, "vs_cloc": f"{row['region_macc'] - cloc_macc:+.1f}"} for row in report["ablations"]]
+        titles = {"name": "run", "vs_cloc": "vs CLOC", "paper_sign": "paper's sign"}
+        lines += ["", "## Ablations (paper Table 2 in miniature)", "",
+                  markdown_table(table, ["name", "region_macc", "vs_cloc", "paper_sign"], titles)]
     lines += ["", "## Goals", "", "```json", json.dumps(report["goals"], indent=1), "```", "",
               "![learning curves](learning_curves.png)", "", "![examples](examples.png)", "",
               "Examples: green = ground-truth box labelled with the Prompter's predicted class (red text = wrong), "
@@ -442,14 +444,9 @@ def run_demo(preset_name: str = "demo", out: str | Path = "runs/demo", seed: int
     plot_curves([runs["cloc"], runs.get("clip-time", runs["clip"])], out / "learning_curves.png")
     draw_examples(runs["cloc"], data, out / "examples.png")
     report["total_seconds"] = time.perf_counter() - started
-    (out / "report.json").write_text(json.dumps(jsonable(report), indent=1))
+    save_results(report, out / "report.json")
     write_report(out, preset_name, preset, report)
-    from model_cards.generate import (
-        main as write_card,  # the demo checkpoint's card, from its measured numbers
-    )
-
-    write_card(["--results", str(out / "report.json"), "--out", str(runs["cloc"].output_dir / "README.md"),
-                "--results-model", "cloc"])
+    write_demo_card(report, runs["cloc"].output_dir)  # the demo checkpoint's card, from its measured numbers
     for run in runs.values():  # keep the final models, drop resumable checkpoints
         shutil.rmtree(run.output_dir / "checkpoints", ignore_errors=True)
     return report
