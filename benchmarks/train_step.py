@@ -108,6 +108,8 @@ def log(message: str) -> None:
 def make_batches(arch: str, batch_size: int, num_batches: int, max_regions: int, device: str, seed: int = 0):
     """``{"clip": [batch, ...], "cloc": [batch, ...]}`` from the same synthetic samples, plus the
     collation seconds per batch of each mode."""
+    from accelerate.utils import send_to_device
+
     from cloc_data.loader import RegionTextCollator
     from cloc_data.synthetic import SyntheticSceneConfig, generate_split
 
@@ -122,7 +124,7 @@ def make_batches(arch: str, batch_size: int, num_batches: int, max_regions: int,
         start = time.perf_counter()
         collated = [collator(chunk) for chunk in chunks]
         collate_s[mode] = (time.perf_counter() - start) / num_batches
-        batches[mode] = [{k: v.to(device) for k, v in b.items()} for b in collated]
+        batches[mode] = [send_to_device(b, device) for b in collated]  # tensors and per-image region lists
     return batches, collate_s
 
 
@@ -254,12 +256,11 @@ def breakdown(model, batch_cloc: dict, batch_clip: dict, steps: dict, device: st
     with torch.no_grad(), autocast_for(device, dtype):
         out_cloc = model(**batch_cloc, return_loss=False)
         out_clip = model(**batch_clip, return_loss=False)
-    mask = batch_cloc["region_mask"].bool()
     tokens = out_cloc.vision_model_output.last_hidden_state
     index = out_cloc.region_image_index
     boxes = out_cloc.region_target_boxes
-    phrase_ids = batch_cloc["region_input_ids"][mask]
-    phrase_mask = batch_cloc["region_attention_mask"][mask]
+    phrase_ids = torch.cat(batch_cloc["region_input_ids"])  # the forward's flat order: image by image
+    phrase_mask = torch.cat(batch_cloc["region_attention_mask"])
     with torch.no_grad():
         phrase_embeds = model._encode_phrases(phrase_ids, phrase_mask)
 
@@ -309,7 +310,7 @@ def breakdown(model, batch_cloc: dict, batch_clip: dict, steps: dict, device: st
     result = {name: timings[name].to_dict() for name in fns}
     result["region_grounding_losses"] = {"median_s": timings["cloc_loss"].median - timings["clip_loss"].median}
     result["extra_step_s"] = timings["cloc_step"].median - timings["clip_step"].median
-    result["num_regions"] = int(mask.sum())
+    result["num_regions"] = int(phrase_ids.shape[0])
     result["num_unique_phrases"] = int(torch.unique(torch.cat([phrase_ids, phrase_mask], -1), dim=0).shape[0])
     return result
 
@@ -373,7 +374,7 @@ def run(args: argparse.Namespace) -> dict:
     synchronize(args.device)
     if hasattr(os, "getloadavg"):
         env["loadavg_end"] = os.getloadavg()
-    regions = [int(b["region_mask"].sum()) for b in batches["cloc"]]
+    regions = [sum(len(boxes) for boxes in b["region_boxes"]) for b in batches["cloc"]]
     return {
         "config": {k: v for k, v in vars(args).items() if k != "memory_child"},
         "image_size": cloc_hf.get_model_config(args.arch).vision_config.image_size,

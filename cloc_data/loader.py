@@ -128,6 +128,7 @@ class RegionTextCollator:
         self.epoch = epoch
 
     def _sample_regions(self, index: int, sample: RegionSample) -> list[int]:
+        """Sorted indices of at most ``max_regions`` regions, drawn from ``(seed, epoch, index)``."""
         n = len(sample.regions)
         if n <= self.max_regions:
             return list(range(n))
@@ -140,6 +141,8 @@ class RegionTextCollator:
         )
 
     def __call__(self, batch: list[tuple[int, RegionSample]]) -> dict[str, Any]:
+        """The model batch (module docstring); a sample whose regions cannot be mapped keeps its image
+        and caption with no regions, and is counted in ``skipped``."""
         images, captions, region_boxes, region_phrases = [], [], [], []
         for index, sample in batch:
             chosen = self._sample_regions(index, sample) if self.max_regions else []

@@ -332,9 +332,8 @@ def draw_examples(run: RunResult, data: Path, path: Path, count: int = 6, scale:
             phrases = [names[a["category_id"]] for a in anns]
             inputs = processor(images=[image] * len(phrases), text=phrases, return_tensors="pt")
             with torch.no_grad():
-                pred = model.ground(inputs["pixel_values"][:1], inputs["input_ids"], inputs["attention_mask"],
-                                    text_image_index=torch.zeros(len(phrases), dtype=torch.long))
-            pred = processor.post_process_boxes([pred], inputs["original_sizes"][:1])[0]
+                pred = model.ground(inputs["pixel_values"][:1], [inputs["input_ids"]], [inputs["attention_mask"]])
+            pred = processor.post_process_boxes(pred, inputs["original_sizes"][:1])[0]
             for box, label, ann, guess in zip(boxes, labels, anns, pred.tolist()):
                 draw.rectangle([v * scale for v in box], outline=(0, 255, 0), width=2)
                 draw.rectangle([v * scale for v in guess], outline=(255, 0, 0), width=1)

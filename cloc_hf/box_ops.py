@@ -52,6 +52,7 @@ def box_area(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def _intersection_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise intersection and union areas ``(N, M)`` of xyxy boxes."""
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])
     rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
@@ -189,6 +190,7 @@ class FrameTransform:
     # --- geometry shared with the image processor ---------------------------------------------
     @property
     def pad_side(self) -> int:
+        """Side of the padded square (``mode="pad"``): the longer image side."""
         return max(self.width, self.height)
 
     @property
@@ -206,6 +208,7 @@ class FrameTransform:
 
     @property
     def crop_offset(self) -> tuple[int, int]:
+        """Top-left corner of the centre crop inside the resized image (``mode="center_crop"``)."""
         w, h = self.resized_size
         return (w - self.size) // 2, (h - self.size) // 2
 
@@ -307,14 +310,36 @@ def roi_align(
     return sampled.reshape(num, channels, output_size, sampling_ratio, output_size, sampling_ratio).mean((3, 5))
 
 
-def sinusoidal_position_table(size: int) -> torch.Tensor:
-    """Normalised centres ``(size*size, 2)`` of a ``size x size`` patch grid, row-major (x, y)."""
+def roi_align_patch_tokens(
+    patch_tokens: torch.Tensor, boxes: torch.Tensor, box_image_index: torch.Tensor, output_size: int = 2
+) -> torch.Tensor:
+    """Mean RoI-Align feature of each box over a ViT's patch tokens -> ``(R, C)``.
+
+    ``patch_tokens`` is ``(B, N, C)`` without the class token, ``N`` a square grid in row-major
+    order; ``boxes`` ``(R, 4)`` are normalised xyxy in the model frame and ``box_image_index`` ``(R,)``
+    says which image each reads. The grid is read as a feature map and each box's
+    ``output_size x output_size`` RoI-Align bins (default 2, the Prompter's ablation setting) are
+    averaged: the paper's RoI-Align ablation and the evaluation's RoI baseline share this one path.
+    """
+    batch, num_patches, channels = patch_tokens.shape
+    side = grid_side(num_patches)
+    fmap = patch_tokens.transpose(1, 2).reshape(batch, channels, side, side)
+    return roi_align(fmap, boxes, box_image_index, output_size=output_size).mean(dim=(2, 3))
+
+
+def patch_centres(size: int) -> torch.Tensor:
+    """Normalised ``(x, y)`` centres ``(size*size, 2)`` of a ``size x size`` patch grid, row-major.
+
+    The Prompter encodes these like point prompts to give image tokens the same position code as a
+    prompt at the same place.
+    """
     c = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     yy, xx = torch.meshgrid(c, c, indexing="ij")
     return torch.stack([xx.flatten(), yy.flatten()], -1)
 
 
 def grid_side(num_patches: int) -> int:
+    """Side of the square patch grid holding ``num_patches`` tokens; raises if they form no square."""
     side = int(math.isqrt(num_patches))
     if side * side != num_patches:
         raise ValueError(f"{num_patches} patch tokens do not form a square grid")

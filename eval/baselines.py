@@ -37,8 +37,9 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from cloc_hf.box_ops import grid_side, roi_align, validate_boxes
+from cloc_hf.box_ops import roi_align_patch_tokens, validate_boxes
 from cloc_hf.image_processing_cloc import load_rgb_image
+from cloc_hf.prompts import flatten_per_image, split_per_image
 
 CROP_MARGIN = 0.15
 
@@ -204,15 +205,12 @@ def _roi_regions(model, processor, images, boxes, options) -> list[torch.Tensor]
     device, dtype = model_device_dtype(model)
     pixel_values = inputs["pixel_values"].to(device=device, dtype=dtype)
     patches = model.get_image_features(pixel_values=pixel_values).last_hidden_state[:, 1:]
-    batch, num_patches, hidden = patches.shape
-    side = grid_side(num_patches)
-    fmap = patches.transpose(1, 2).reshape(batch, hidden, side, side)
-    flat = torch.cat(list(inputs["boxes"])).to(device=device, dtype=dtype)
-    counts = torch.tensor([len(b) for b in inputs["boxes"]])
-    index = torch.repeat_interleave(torch.arange(batch), counts).to(device)
-    pooled = roi_align(fmap, flat, index, output_size=options.roi_output_size).mean(dim=(2, 3))
+    flat = flatten_per_image(list(inputs["boxes"]), patches.shape[0], "boxes", device=device)
+    pooled = roi_align_patch_tokens(
+        patches, flat.values.to(dtype), flat.image_index, output_size=options.roi_output_size
+    )
     embeds = model.visual_projection(model.vision_model.post_layernorm(pooled))
-    return _split_counts(embeds, boxes)
+    return split_per_image(embeds, flat.counts)
 
 
 def _derived_image_regions(make_image) -> RegionEncoder:

@@ -21,21 +21,18 @@ def _boxes(seed, n):
     return torch.cat([xy, xy + wh], dim=-1)
 
 
-def _batch(model, batch=3, max_regions=4, seed=0):
+def _batch(model, counts=(3, 1, 0), seed=0):
+    """A training batch in the per-image form: image ``i`` has ``counts[i]`` regions (the last none, so
+    lambda is scaled by 2/3)."""
     gen = torch.Generator().manual_seed(seed)
-    px = torch.randn(batch, 3, 32, 32, generator=gen)
-    region_boxes = torch.stack([_boxes(seed + i, max_regions) for i in range(batch)])
-    region_mask = torch.zeros(batch, max_regions, dtype=torch.bool)
-    region_mask[0, :3] = True
-    region_mask[1, :1] = True  # image 2 has no regions: lambda is scaled by 2/3
-    region_ids = make_token_ids(batch * max_regions, 6, seed=seed + 1).view(batch, max_regions, 6)
+    px = torch.randn(len(counts), 3, 32, 32, generator=gen)
+    region_ids = make_token_ids(sum(counts), 6, seed=seed + 1)
     return dict(
         pixel_values=px,
-        input_ids=make_token_ids(batch, 8, seed=seed),
-        region_boxes=region_boxes,
-        region_mask=region_mask,
-        region_input_ids=region_ids,
-        region_attention_mask=torch.ones_like(region_ids),
+        input_ids=make_token_ids(len(counts), 8, seed=seed),
+        region_boxes=[_boxes(seed + i, n) for i, n in enumerate(counts)],
+        region_input_ids=list(region_ids.split(list(counts))),
+        region_attention_mask=list(torch.ones_like(region_ids).split(list(counts))),
     )
 
 
@@ -128,15 +125,27 @@ def test_vit_runs_once_for_many_boxes_and_vision_outputs_skip_it(tiny_model):
     assert [b.shape for b in boxes_from_tensor] == [(4, 32), (4, 32)]
 
 
-def test_ground_returns_boxes_in_frame(tiny_model):
+def test_ground_takes_phrases_per_image(tiny_model):
     px = torch.randn(2, 3, 32, 32)
     ids = make_token_ids(3, 6)
     with torch.no_grad():
-        boxes = tiny_model.ground(px, ids, text_image_index=torch.tensor([0, 1, 1]))
-    assert boxes.shape == (3, 4)
+        per_image = tiny_model.ground(px, [ids[:1], ids[1:]], [torch.ones(1, 6), torch.ones(2, 6)])
+        one_each = tiny_model.ground(px, ids[:2])  # (B, L): one phrase per image
+        with pytest.warns(FutureWarning, match="text_image_index"):
+            flat = tiny_model.ground(px, ids, text_image_index=torch.tensor([0, 1, 1]))
+    assert [b.shape for b in per_image] == [(1, 4), (2, 4)] and one_each.shape == (2, 4)
+    boxes = torch.cat(per_image)
     assert (boxes >= 0).all() and (boxes <= 1).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
-    with pytest.raises(ValueError, match="text_image_index"):
+    torch.testing.assert_close(flat, boxes)
+    torch.testing.assert_close(one_each, torch.stack([boxes[0], boxes[1]]))
+    with pytest.raises(ValueError, match="3 phrases for 2 images.*list"):
         tiny_model.ground(px, ids)
+    with pytest.raises(ValueError, match=r"got 1 input_ids lists for a batch of 2"):
+        tiny_model.ground(px, [ids])
+    with pytest.raises(ValueError, match=r"input_ids\[1\] has shape \(2, 5\).*one length"):
+        tiny_model.ground(px, [ids[:1], ids[1:, :5]])
+    with pytest.raises(ValueError, match="text_image_index must hold one image index"), pytest.warns(FutureWarning):
+        tiny_model.ground(px, ids, text_image_index=torch.tensor([0, 2, 1]))
 
 
 # -- bad input ----------------------------------------------------------------------------------------
@@ -239,11 +248,59 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
 
 
-def test_region_tensors_must_agree(tiny_model):
+def test_region_lists_must_agree(tiny_model):
     batch = _batch(tiny_model)
-    batch["region_boxes"] = batch["region_boxes"][:, :2]
-    with pytest.raises(ValueError, match="region tensors disagree"):
+    batch["region_boxes"][0] = batch["region_boxes"][0][:2]
+    with pytest.raises(ValueError, match=r"region tensors disagree: region_input_ids\[0\] holds 3 phrases for the 2"):
         tiny_model(**batch, return_loss=True)
+    batch = _batch(tiny_model)
+    with pytest.raises(ValueError, match=r"got 2 region_boxes lists for a batch of 3"):
+        tiny_model(**dict(batch, region_boxes=batch["region_boxes"][:2]), return_loss=True)
+    batch["region_boxes"][1] = torch.tensor([[0.5, 0.5, 0.4, 0.9]])
+    with pytest.raises(ValueError, match=r"region_boxes\[1\]\[0\].*flipped"):
+        tiny_model(**batch, return_loss=True)
+
+
+def test_three_entry_points_take_the_same_per_image_lists(tiny_model):
+    """The processor's per-image box list goes unchanged into forward, get_region_features and ground."""
+    batch = _batch(tiny_model)
+    with torch.no_grad():
+        out = tiny_model(**batch, return_loss=True)
+        regions = tiny_model.get_region_features(batch["pixel_values"], boxes=batch["region_boxes"])
+        grounded = tiny_model.ground(
+            batch["pixel_values"], batch["region_input_ids"], batch["region_attention_mask"]
+        )
+    assert [r.shape[0] for r in regions] == [g.shape[0] for g in grounded] == [3, 1, 0]
+    torch.testing.assert_close(out.region_embeds, torch.nn.functional.normalize(torch.cat(regions), dim=-1))
+    torch.testing.assert_close(out.pred_boxes, torch.cat(grounded))
+    torch.testing.assert_close(out.region_target_boxes, torch.cat(batch["region_boxes"]))
+    assert out.images_with_regions.tolist() == [True, True, False]
+
+
+def test_padded_form_gives_identical_loss_through_the_conversion_helper(tiny_model):
+    """The deprecated padded (B, M, ...) + region_mask form is converted once and computes bit for bit
+    what the per-image lists compute, also with holes in the mask (row-major order)."""
+    from cloc_hf.prompts import per_image_to_padded
+
+    batch = _batch(tiny_model, counts=(3, 1, 0, 2))
+    boxes, mask = per_image_to_padded(batch["region_boxes"], length=4, fill=0.5)
+    ids, _ = per_image_to_padded(batch["region_input_ids"], length=4)
+    attn, _ = per_image_to_padded(batch["region_attention_mask"], length=4)
+    # move image 1's region to slot 2: a mask with a hole keeps the same row-major order
+    for t in (boxes, ids, attn, mask):
+        t[1, 2] = t[1, 0]
+    mask[1, 0] = False
+    padded = dict(batch, region_boxes=boxes, region_mask=mask, region_input_ids=ids, region_attention_mask=attn)
+    torch.manual_seed(0)
+    lists = tiny_model.train()(**batch, return_loss=True)
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning, match="region_mask"):
+        old = tiny_model(**padded, return_loss=True)
+    tiny_model.eval()
+    for key in ("loss", "loss_clip", "loss_region", "loss_grounding", "region_weight"):
+        assert torch.equal(lists[key], old[key]), key
+    assert torch.equal(lists.region_embeds, old.region_embeds) and torch.equal(lists.pred_boxes, old.pred_boxes)
+    assert old.region_image_index.tolist() == [0, 0, 0, 1, 3, 3]
 
 
 @pytest.mark.parametrize("variant", [dict(prompter_config=dict(prompter_type="roi_align")), dict(

@@ -24,7 +24,9 @@ import torch.multiprocessing as mp
 TERMS = ("loss", "loss_clip", "loss_region", "loss_grounding")
 
 
-def _global_batch(batch_size: int, max_regions: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+def _global_batch(batch_size: int, max_regions: int = 4, seed: int = 0) -> dict:
+    from cloc_hf.prompts import padded_to_per_image
+
     gen = torch.Generator().manual_seed(seed)
     xy = torch.rand(batch_size, max_regions, 2, generator=gen) * 0.6
     wh = torch.rand(batch_size, max_regions, 2, generator=gen) * 0.3 + 0.05
@@ -44,10 +46,10 @@ def _global_batch(batch_size: int, max_regions: int = 4, seed: int = 0) -> dict[
         "pixel_values": torch.randn(batch_size, 3, 32, 32, generator=gen),
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
-        "region_boxes": torch.cat([xy, xy + wh], dim=-1),
-        "region_mask": mask,
-        "region_input_ids": region_ids,
-        "region_attention_mask": torch.ones_like(region_ids),
+        # per-image region lists, the model's one form (row b keeps its first counts[b] regions)
+        "region_boxes": padded_to_per_image(torch.cat([xy, xy + wh], dim=-1), mask),
+        "region_input_ids": padded_to_per_image(region_ids, mask),
+        "region_attention_mask": padded_to_per_image(torch.ones_like(region_ids), mask),
     }
 
 
@@ -61,7 +63,10 @@ def _model():
 
 def _loss_and_grads(model, batch, comm=None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     model.train()
-    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    def double(t):
+        return t.double() if t.is_floating_point() else t
+
+    batch = {k: [double(t) for t in v] if isinstance(v, list) else double(v) for k, v in batch.items()}
     outputs = model(**batch, return_loss=False)
     losses = model.compute_loss(outputs, comm=comm)
     losses["loss"].backward()
@@ -92,7 +97,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, batch_size: int
     if rank == 0:
         torch.save(grads, os.path.join(out_dir, "grads.pt"))  # our own tensors, read back with weights_only=True
         with open(os.path.join(out_dir, "losses.json"), "w") as f:
-            json.dump({"losses": mean_losses, "regions_per_rank": [int(local["region_mask"].sum())]}, f)
+            json.dump({"losses": mean_losses, "regions_per_rank": [sum(len(b) for b in local["region_boxes"])]}, f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -103,7 +108,7 @@ def run_check(nproc: int = 2, batch_size: int = 8) -> dict:
     batch = _global_batch(batch_size)
     single_losses, single_grads = _loss_and_grads(_model(), batch)
     per = batch_size // nproc
-    regions = [int(batch["region_mask"][r * per : (r + 1) * per].sum()) for r in range(nproc)]
+    regions = [sum(len(b) for b in batch["region_boxes"][r * per : (r + 1) * per]) for r in range(nproc)]
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(nproc, os.path.join(tmp, "init"), tmp, batch_size), nprocs=nproc, join=True)
         multi = json.load(open(os.path.join(tmp, "losses.json")))["losses"]

@@ -1,0 +1,318 @@
+"""The Prompter: region embeddings from a ViT's tokens and box, point or text prompts, plus the box head.
+
+Reading order: position encoding -> prompt encoder -> Prompter layer -> Prompter -> box head. The
+full model (:class:`~cloc_hf.CLOCModel`, in ``modeling_cloc``) owns one Prompter as ``prompter`` and
+one box head as ``box_head``; the classes live here so that the model file stays readable.
+
+Box convention: normalised xyxy in ``[0, 1]`` of the model input frame (what the ViT sees).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .box_ops import box_convert, grid_side, patch_centres, roi_align_patch_tokens
+from .configuration_cloc import CLOCPrompterConfig
+
+
+class CLOCPositionEncoding(nn.Module):
+    """Maps normalised ``(..., 2)`` xy coordinates to ``(..., hidden)`` vectors (no parameters)."""
+
+    def __init__(self, config: CLOCPrompterConfig):
+        super().__init__()
+        self.kind = config.position_encoding
+        self.temperature = config.position_temperature
+        self.quarter = config.hidden_size // 4
+        if self.kind == "sinusoidal":
+            self.register_buffer("frequencies", self.sinusoidal_frequencies(), persistent=False)
+        else:
+            # SAM-style random Fourier features; the matrix is part of the model, so it is saved
+            gaussian = torch.randn(2, 2 * self.quarter) * (self.temperature**0.5)
+            self.register_buffer("frequencies", gaussian, persistent=True)
+
+    def sinusoidal_frequencies(self) -> torch.Tensor:
+        """Geometric frequencies from 1 to `temperature` cycles per frame. Recomputed in `_init_weights`
+        too: models are built on the meta device when loaded, which loses non-persistent buffers."""
+        exponent = torch.arange(self.quarter, dtype=torch.float32) / max(self.quarter - 1, 1)
+        return self.temperature**exponent
+
+    def forward(self, xy: torch.Tensor) -> torch.Tensor:
+        """``(..., 2)`` normalised xy -> ``(..., hidden)``: sines then cosines of the frequency angles."""
+        xy = xy.to(self.frequencies.dtype)
+        if self.kind == "sinusoidal":
+            angles = 2 * math.pi * xy[..., None] * self.frequencies  # (..., 2, hidden/4)
+            angles = angles.flatten(-2)  # (..., hidden/2)
+        else:
+            angles = 2 * math.pi * (2 * xy - 1) @ self.frequencies  # (..., hidden/2)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class CLOCPromptEncoder(nn.Module):
+    """Turns box, point and text prompts into prompt tokens of width ``hidden``.
+
+    * box ``(R, 4)`` -> ``(R, 2, hidden)``: each corner's position code + a learned corner-type embedding
+      (top-left, bottom-right), as in SAM's prompt encoder (``(R, 3, hidden)`` with the box centre when
+      ``box_encoding="corners_center"``);
+    * point ``(R, 2)`` -> ``(R, 1, hidden)``: position code + a learned point-type embedding;
+    * text ``(R, projection_dim)`` (projected CLIP text embedding) -> ``(R, 1, hidden)`` via the adapter.
+
+    Each method returns ``(content, position)``. With ``prompt_position="token"`` (the paper) the
+    position code is part of the content and ``position`` is zero; with ``"attention"`` the content is
+    the type embedding alone and ``position`` holds the code, added to query/key inputs only.
+    """
+
+    def __init__(self, config: CLOCPrompterConfig, projection_dim: int):
+        super().__init__()
+        hidden = config.hidden_size
+        self.position_encoding = CLOCPositionEncoding(config)
+        self.box_encoding = config.box_encoding
+        self.prompt_position = config.prompt_position
+        # top-left, bottom-right (+ centre with box_encoding="corners_center")
+        self.corner_embeddings = nn.Embedding(3 if config.box_encoding == "corners_center" else 2, hidden)
+        self.point_embedding = nn.Embedding(1, hidden)
+        self.text_type_embedding = nn.Embedding(1, hidden)
+        if config.text_adapter == "linear":
+            self.text_adapter = nn.Linear(projection_dim, hidden)
+        else:
+            self.text_adapter = nn.Sequential(nn.Linear(projection_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def _place(self, codes: torch.Tensor, types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(content, position)`` of prompt tokens from their position codes and type embeddings."""
+        codes = codes.to(types.dtype)
+        if self.prompt_position == "attention":
+            return types.expand_as(codes), codes
+        return codes + types, torch.zeros_like(codes)
+
+    def embed_boxes(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, 4)`` boxes -> ``(content, position)``, each ``(R, 2 or 3, hidden)``."""
+        corners = boxes.reshape(-1, 2, 2)  # (R, [tl, br], [x, y])
+        if self.box_encoding == "corners_center":
+            corners = torch.cat([corners, corners.mean(dim=1, keepdim=True)], dim=1)
+        return self._place(self.position_encoding(corners), self.corner_embeddings.weight)
+
+    def embed_points(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, 2)`` points -> ``(content, position)``, each ``(R, 1, hidden)``."""
+        return self._place(self.position_encoding(points[:, None, :]), self.point_embedding.weight)
+
+    def embed_texts(self, text_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, projection_dim)`` -> ``(content, position)``, each ``(R, 1, hidden)``; no position."""
+        tokens = (self.text_adapter(text_embeds) + self.text_type_embedding.weight)[:, None, :]
+        return tokens, torch.zeros_like(tokens)
+
+
+class CLOCPrompterLayer(GradientCheckpointingLayer):
+    """Pre-LN transformer layer whose queries may be a subset of its keys.
+
+    ``queries`` attend to ``keys`` (which include the queries themselves where the caller puts them
+    there). Position codes are added to the inputs of the query and key projections only, DETR/SAM
+    style, so values carry content.
+    """
+
+    def __init__(self, config: CLOCPrompterConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.dropout = config.attention_dropout
+        self.layer_norm1 = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.out_proj = nn.Linear(hidden, hidden)
+        self.layer_norm2 = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(hidden, config.intermediate_size or 4 * hidden)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size or 4 * hidden, hidden)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, n, d)`` -> ``(B, heads, n, d / heads)``."""
+        b, n, d = x.shape
+        return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        query_pos: torch.Tensor,
+        keys: torch.Tensor,
+        key_pos: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``queries (B, Q, d)``, ``keys (B, K, d)``, positions of the same shapes (or broadcastable),
+        ``attention_mask (B, Q, K)`` bool, True = may attend. Returns ``(B, Q, d)``."""
+        hq = self.layer_norm1(queries)
+        hk = self.layer_norm1(keys)
+        q = self._heads(self.q_proj(hq + query_pos))
+        k = self._heads(self.k_proj(hk + key_pos))
+        v = self._heads(self.v_proj(hk))
+        mask = attention_mask[:, None] if attention_mask is not None else None
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        attn = attn.transpose(1, 2).reshape(queries.shape)
+        x = queries + self.out_proj(attn)
+        return x + self.fc2(self.activation(self.fc1(self.layer_norm2(x))))
+
+
+class CLOCPrompter(nn.Module):
+    """Region embeddings ``z = Prompter(prompt, f_I(x))`` from the ViT's final token sequence.
+
+    The ViT runs once per image; this module takes its ``(B, 1 + N, d)`` tokens and any number of
+    prompts per image, all images' prompts in one batched call.
+    """
+
+    def __init__(self, config: CLOCPrompterConfig, vision_hidden_size: int, projection_dim: int):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.prompt_encoder = CLOCPromptEncoder(config, projection_dim)
+        # maps ViT width to Prompter width when they differ (identity at the paper's default)
+        self.image_adapter = nn.Identity() if hidden == vision_hidden_size else nn.Linear(vision_hidden_size, hidden)
+        self.layers = nn.ModuleList(
+            [CLOCPrompterLayer(config) for _ in range(config.num_hidden_layers)]
+            if config.prompter_type == "transformer"
+            else []
+        )
+        self.post_layernorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.projection = nn.Linear(hidden, projection_dim, bias=False)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def image_positions(self, num_tokens: int, device, dtype) -> torch.Tensor:
+        """Position codes ``(1 + N, hidden)`` of [class token; patch tokens]; the class token gets 0."""
+        hidden = self.config.hidden_size
+        if not self.config.image_position_encoding:
+            return torch.zeros(num_tokens, hidden, device=device, dtype=dtype)
+        side = grid_side(num_tokens - 1)
+        centres = patch_centres(side).to(device)
+        codes = self.prompt_encoder.position_encoding(centres).to(dtype)
+        return torch.cat([codes.new_zeros(1, hidden), codes], dim=0)
+
+    def _pool_and_project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled ``(R, hidden)`` -> region embeddings ``(R, projection_dim)`` (LayerNorm, projection)."""
+        return self.projection(self.post_layernorm(pooled))
+
+    # -- prompt-token pooling: the cheap mode --------------------------------------------------------
+    def _forward_prompt_pool(self, image_tokens, image_pos, prompts, prompt_pos, image_index):
+        """Each region's prompt tokens attend to themselves and to its image's tokens.
+
+        Regions are grouped per image and padded, so the image tokens' keys/values are computed once
+        per image and layer, not once per region. For one layer this equals the full layer over
+        ``[prompts ; image tokens]`` restricted to the prompt rows; with more layers the image tokens
+        act as a fixed memory (a decoder), since their updates are never pooled.
+        """
+        batch, num_img_tokens, hidden = image_tokens.shape
+        num_regions, per_region, _ = prompts.shape
+        counts = torch.bincount(image_index, minlength=batch)
+        max_count = int(counts.max())
+        order = torch.argsort(image_index, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(image_index)
+        slot[order] = torch.arange(num_regions, device=image_index.device) - starts[image_index[order]]
+
+        padded = prompts.new_zeros(2, batch, max_count, per_region, hidden)
+        padded[0, image_index, slot] = prompts
+        padded[1, image_index, slot] = prompt_pos
+        queries, query_pos = padded.reshape(2, batch, max_count * per_region, hidden).unbind(0)
+        num_q = queries.shape[1]
+        # attention mask: prompt tokens see the prompt tokens of their own region and every image token
+        token_slot = torch.arange(max_count, device=prompts.device).repeat_interleave(per_region)
+        same_region = token_slot[:, None] == token_slot[None, :]
+        mask = torch.cat(
+            [same_region[None].expand(batch, num_q, num_q), same_region.new_ones(batch, num_q, num_img_tokens)], dim=-1
+        )
+        key_pos = torch.cat([query_pos, image_pos.expand(batch, -1, -1)], dim=1)
+        for layer in self.layers:
+            queries = layer(queries, query_pos, torch.cat([queries, image_tokens], dim=1), key_pos, mask)
+        out = queries.reshape(batch, max_count, per_region, hidden)[image_index, slot]  # (R, P, hidden)
+        return out.mean(dim=1)
+
+    # -- all-token pooling ---------------------------------------------------------------------------
+    def _forward_all_pool(self, image_tokens, image_pos, prompts, prompt_pos, image_index):
+        """Every region runs the layer(s) over ``[its prompts ; all image tokens]`` and pools all outputs."""
+        pooled = []
+        for start in range(0, prompts.shape[0], self.config.region_chunk_size):
+            idx = slice(start, start + self.config.region_chunk_size)
+            x = torch.cat([prompts[idx], image_tokens[image_index[idx]]], dim=1)
+            pos = torch.cat([prompt_pos[idx], image_pos.expand(x.shape[0], -1, -1)], dim=1)
+            for layer in self.layers:
+                x = layer(x, pos, x, pos, None)
+            pooled.append(x.mean(dim=1))
+        return torch.cat(pooled, dim=0)
+
+    # -- RoI-Align ablation --------------------------------------------------------------------------
+    def _forward_roi(self, image_tokens, boxes, image_index):
+        """Mean RoI-Align feature of each box over the patch tokens (class token dropped)."""
+        return roi_align_patch_tokens(image_tokens[:, 1:], boxes, image_index, output_size=self.config.roi_output_size)
+
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        image_index: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Region embeddings for one kind of prompt.
+
+        Args:
+            image_tokens: ``(B, 1 + N, d_vit)`` the ViT's final tokens (``last_hidden_state``).
+            image_index: ``(R,)`` which image each prompt refers to.
+            boxes: ``(R, 4)`` normalised xyxy, or
+            points: ``(R, 2)`` normalised xy, or
+            text_embeds: ``(R, projection_dim)`` projected text embeddings.
+        Returns:
+            ``(R, projection_dim)`` region embeddings (not normalised).
+        """
+        given = [x is not None for x in (boxes, points, text_embeds)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of boxes, points or text_embeds to the Prompter")
+        hidden = self.config.hidden_size
+        if image_index.numel() == 0:
+            return image_tokens.new_zeros(0, self.projection.out_features)
+        tokens = self.image_adapter(image_tokens)
+        if self.config.prompter_type == "roi_align":
+            if text_embeds is not None:
+                raise ValueError("prompter_type='roi_align' has no text prompts (and so no grounding)")
+            if points is not None:  # a point reads the patch cell around it
+                half = 0.5 / grid_side(image_tokens.shape[1] - 1)
+                boxes = torch.cat([points - half, points + half], dim=-1).clamp(0, 1)
+            return self._pool_and_project(self._forward_roi(tokens, boxes.to(tokens.dtype), image_index))
+
+        if boxes is not None:
+            prompts, prompt_pos = self.prompt_encoder.embed_boxes(boxes)
+        elif points is not None:
+            prompts, prompt_pos = self.prompt_encoder.embed_points(points)
+        else:
+            prompts, prompt_pos = self.prompt_encoder.embed_texts(text_embeds)
+        prompts, prompt_pos = prompts.to(tokens.dtype), prompt_pos.to(tokens.dtype)
+        image_pos = self.image_positions(tokens.shape[1], tokens.device, tokens.dtype)
+        assert image_pos.shape == (tokens.shape[1], hidden)
+        if self.config.pooling == "prompt":
+            pooled = self._forward_prompt_pool(tokens, image_pos, prompts, prompt_pos, image_index)
+        else:
+            pooled = self._forward_all_pool(tokens, image_pos, prompts, prompt_pos, image_index)
+        return self._pool_and_project(pooled)
+
+
+class CLOCBoxHead(nn.Module):
+    """2-layer MLP (GELU) from a text prompt's region embedding to a normalised xyxy box.
+
+    The MLP predicts ``(cx, cy, w, h)`` through a sigmoid, which keeps every box inside the frame
+    and non-degenerate; it is returned as xyxy.
+    """
+
+    def __init__(self, projection_dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(projection_dim, hidden)
+        self.activation = nn.GELU()
+        self.fc2 = nn.Linear(hidden, 4)
+
+    def forward(self, region_embeds: torch.Tensor) -> torch.Tensor:
+        """``(R, projection_dim)`` region embeddings -> ``(R, 4)`` normalised xyxy boxes."""
+        cxcywh = self.fc2(self.activation(self.fc1(region_embeds))).sigmoid()
+        return box_convert(cxcywh, "cxcywh", "xyxy").clamp(0, 1)
+
+
+__all__ = ["CLOCBoxHead", "CLOCPositionEncoding", "CLOCPromptEncoder", "CLOCPrompter", "CLOCPrompterLayer"]
