@@ -128,9 +128,11 @@ class CLOCVisionTower(nn.Module):
                 processor are read, never its weights.
             prefix: where the tower sits in the MLLM (default ``"model.vision_tower."``, LLaVA's layout).
         """
-        name = vision_tower if vision_tower is not None else getattr(args, "mm_vision_tower", None)
-        if name is None:
+        if vision_tower is None:  # LLaVA's lookup order
+            vision_tower = getattr(args, "mm_vision_tower", getattr(args, "vision_tower", None))
+        if vision_tower is None:
             raise ValueError("pass vision_tower= or set args.mm_vision_tower: the CLOC checkpoint's config is needed")
+        name = vision_tower
         tower = cls.__new__(cls)  # the constructor could load the original weights; this path never does
         nn.Module.__init__(tower)
         tower._read_args(name, args)

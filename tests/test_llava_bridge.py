@@ -265,11 +265,11 @@ def test_builder_without_fallback(cloc_dir, tmp_path):
 
 
 # -- LLaVA-NeXT's `hf:` tower ----------------------------------------------------------------------------
-def test_llava_next_hf_tower_call_sequence(cloc_dir):
-    """What LLaVA-NeXT's ``HFVisionTower`` does with ``hf:<path>``, on a saved CLOC checkpoint."""
+def _next_hf_tower(vision_tower):
+    """What LLaVA-NeXT's ``HFVisionTower`` does with ``hf:<path>`` (its load_model and properties)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-    name = f"hf:{cloc_dir[0]}".replace("hf:", "", 1)
+    name = vision_tower.replace("hf:", "", 1)
     cfg_only = AutoConfig.from_pretrained(name)  # the delay_load branch
     processor = AutoImageProcessor.from_pretrained(name)
     model = AutoModel.from_pretrained(name, dtype=torch.bfloat16, trust_remote_code=True)
@@ -277,15 +277,26 @@ def test_llava_next_hf_tower_call_sequence(cloc_dir):
     if hasattr(model, "vision_model"):
         model = model.vision_model
     model.requires_grad_(False)
-    assert isinstance(model, CLOCVisionModel) and cfg_only.model_type == "cloc"
-    try:  # NeXT's hidden_size property
+    try:  # its hidden_size property
         hidden = config.hidden_size
     except AttributeError:
         hidden = config.vision_config.hidden_size
-    assert hidden == 32
-    pixels = processor.preprocess(PIL.Image.new("RGB", (40, 24)), return_tensors="pt")["pixel_values"]
-    outs = model(pixels.to(device=model.device, dtype=model.dtype), output_hidden_states=True)
-    features = outs.hidden_states[-2][:, 1:].to(pixels.dtype)  # 'patch' drops token 0
-    assert features.shape == (1, 16, hidden) and features.dtype == torch.float32
-    reference = copy.deepcopy(cloc_dir[1].vision_model).to(torch.bfloat16)(pixels.to(torch.bfloat16), output_hidden_states=True)
-    torch.testing.assert_close(features, reference.hidden_states[-2][:, 1:].float())
+    return cfg_only, processor, model, hidden
+
+
+def test_llava_next_hf_tower_call_sequence(cloc_dir, vision_dir, tmp_path):
+    vit_with_processor = tmp_path / "vit"
+    shutil.copytree(vision_dir, vit_with_processor)
+    CLOCImageProcessor(size=32).save_pretrained(vit_with_processor)
+    reference = copy.deepcopy(cloc_dir[1].vision_model).to(torch.bfloat16)
+    for path, model_type in ((cloc_dir[0], "cloc"), (vit_with_processor, "cloc_vision_model")):
+        cfg_only, processor, model, hidden = _next_hf_tower(f"hf:{path}")
+        assert isinstance(model, CLOCVisionModel) and cfg_only.model_type == model_type and hidden == 32
+        pixels = processor.preprocess(PIL.Image.new("RGB", (40, 24)), return_tensors="pt")["pixel_values"]
+        outs = model(pixels.to(device=model.device, dtype=model.dtype), output_hidden_states=True)
+        features = outs.hidden_states[-2][:, 1:].to(pixels.dtype)  # 'patch' drops token 0
+        assert features.shape == (1, 16, hidden) and features.dtype == torch.float32
+        expected = reference(pixels.to(torch.bfloat16), output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(features, expected.float())
+    # its num_patches reads image_size / patch_size from the top-level config: a ViT-only checkpoint has them
+    assert cfg_only.image_size // cfg_only.patch_size == 4
