@@ -301,10 +301,11 @@ def card_from_results(
 def training_summary(pretrain: Mapping[str, Any]) -> str:
     """A one-paragraph training summary from a ``pretrain_config.json`` (``cloc-pretrain`` output);
     settings it lacks print as ``?`` (or the ``PretrainConfig`` default where one is standard)."""
-    values = {"objective": "cloc", "max_regions": 4, "beta1": 0.9, "beta2": 0.98, "precision": "auto", "seed": 0}
+    values = {"objective": "cloc", "regions_per_image": 4, "beta1": 0.9, "beta2": 0.98, "precision": "auto", "seed": 0}
     values.update({k: "?" for k in ("steps", "batch_size", "lr", "weight_decay")})
-    values.update({k: v for k, v in pretrain.items() if v is not None})
-    values["max_regions"] = pretrain.get("regions_per_image", values["max_regions"])  # PretrainConfig's new name
+    if "max_regions" in pretrain:  # the name before PretrainConfig.regions_per_image, in older run folders
+        values["regions_per_image"] = pretrain["max_regions"]
+    values.update({k: v for k, v in pretrain.items() if v is not None and k != "max_regions"})
     return _snippet("training", **values)
 
 
