@@ -99,7 +99,9 @@ def refer_folder(tmp_path: Path, refs=None) -> Path:
 
 def test_input_that_does_not_exist(tmp_path, capsys):
     missing = tmp_path / "nope.json"
-    code, _, err = run_cli(["convert", "--format", "coco", "--input", missing, "--out", tmp_path / "o"], capsys)
+    code, _, err = run_cli(
+        ["convert", "--format", "coco", "--input", missing, "--out", tmp_path / "o"], capsys
+    )
     assert code == 2
     assert error_line(err).startswith(f"cloc-data: error: {missing}: does not exist; --input takes a COCO")
 
@@ -113,7 +115,8 @@ def test_tar_given_where_json_is_read(tmp_path, capsys):
     assert "--format grit" in line
     # the same with RefCOCO (rows expected) and a gzip
     code, _, err = run_cli(
-        ["convert", "--format", "refcoco", "--split", "val", "--input", shard, "--out", tmp_path / "o"], capsys
+        ["convert", "--format", "refcoco", "--split", "val", "--input", shard, "--out", tmp_path / "o"],
+        capsys,
     )
     assert code == 2 and "is a tar archive, but --format refcoco reads" in error_line(err)
     gz = tmp_path / "instances.json.gz"
@@ -127,7 +130,9 @@ def test_wrong_format_flag(tmp_path, capsys):
     assert code == 2 and "invalid choice: 'kitti'" in err.strip().splitlines()[-1]
     # a GRIT jsonl given to --format vg: read, found not to be VG's layout
     rows = tmp_path / "grit.jsonl"
-    rows.write_text(json.dumps({"caption": "a dog", "noun_chunks": []}) + "\n" + json.dumps({"caption": "x"}) + "\n")
+    rows.write_text(
+        json.dumps({"caption": "a dog", "noun_chunks": []}) + "\n" + json.dumps({"caption": "x"}) + "\n"
+    )
     code, _, err = run_cli(["convert", "--format", "vg", "--input", rows, "--out", tmp_path / "o"], capsys)
     line = error_line(err)
     assert code == 1 and line.startswith(f"cloc-data: error: {rows}") and "check that --format vg" in line
@@ -142,7 +147,9 @@ def test_unreadable_encodings(tmp_path, capsys):
     latin1 = tmp_path / "instances_latin1.json"
     latin1.write_bytes(json.dumps({"images": [], "annotations": [], "categories": [{"name": "caf\u00e9"}]},
                                   ensure_ascii=False).encode("latin-1"))  # fmt: skip
-    code, _, err = run_cli(["convert", "--format", "coco", "--input", latin1, "--out", tmp_path / "o"], capsys)
+    code, _, err = run_cli(
+        ["convert", "--format", "coco", "--input", latin1, "--out", tmp_path / "o"], capsys
+    )
     assert code == 1
     assert error_line(err).startswith(f"cloc-data: error: {latin1}: is not UTF-8 text (byte 0xe9 at position")
     utf16 = tmp_path / "instances_utf16.json"
@@ -156,7 +163,17 @@ def test_unreadable_encodings(tmp_path, capsys):
            "raw_image_info": json.dumps({"width": 40, "height": 30}), "image_path": "a.jpg"}  # fmt: skip
     lines = [json.dumps(dict(row, ref_id=i)) for i in range(100)]
     late.write_bytes(("\n".join(lines) + "\n").encode() + b'{"ref_id": "\xff"}\n')
-    argv = ["convert", "--format", "refcoco", "--split", "val", "--input", late.parent, "--out", tmp_path / "o"]
+    argv = [
+        "convert",
+        "--format",
+        "refcoco",
+        "--split",
+        "val",
+        "--input",
+        late.parent,
+        "--out",
+        tmp_path / "o",
+    ]
     code, _, err = run_cli([*argv, "--annotations-only"], capsys)
     assert code == 1 and error_line(err).startswith(f"cloc-data: error: {late}: is not UTF-8 text")
 
@@ -179,7 +196,9 @@ def test_empty_folder_and_empty_file(tmp_path, capsys):
 
 def test_refused_pickle(tmp_path, capsys):
     folder = refer_folder(tmp_path)
-    (folder / "refs(unc).p").write_bytes(b"\x80\x02cos\nsystem\nq\x00X\x05\x00\x00\x00echo!q\x01\x85q\x02Rq\x03.")
+    (folder / "refs(unc).p").write_bytes(
+        b"\x80\x02cos\nsystem\nq\x00X\x05\x00\x00\x00echo!q\x01\x85q\x02Rq\x03."
+    )
     argv = ["convert", "--format", "refcoco", "--split", "train", "--input", folder, "--out", tmp_path / "o"]
     code, _, err = run_cli(argv, capsys)
     line = error_line(err)
@@ -194,7 +213,9 @@ def test_no_samples_is_an_error_not_a_silent_success(tmp_path, capsys):
     instances = tmp_path / "instances.json"
     instances.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}],
                                      "annotations": [], "categories": []}))  # fmt: skip
-    code, out, err = run_cli(["convert", "--format", "coco", "--input", instances, "--out", tmp_path / "o"], capsys)
+    code, out, err = run_cli(
+        ["convert", "--format", "coco", "--input", instances, "--out", tmp_path / "o"], capsys
+    )
     assert code == 1 and "wrote 0 samples" in out
     assert error_line(err).startswith(f"cloc-data: error: {instances}: no samples written")
     assert json.loads((tmp_path / "o" / "conversion_report.json").read_text())["samples"] == 0
@@ -282,7 +303,9 @@ def test_refcoco_hub_files_take_their_split_from_the_name(tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist(lmms_rows(2)), data / "val-00000-of-00001.parquet")
     pq.write_table(pa.Table.from_pylist(lmms_rows(3, 10)), data / "testA-00000-of-00001.parquet")
     out = tmp_path / "val"
-    code, _, _ = run_cli(["convert", "--format", "refcoco", "--split", "val", "--input", data, "--out", out], capsys)
+    code, _, _ = run_cli(
+        ["convert", "--format", "refcoco", "--split", "val", "--input", data, "--out", out], capsys
+    )
     assert code == 0
     assert sorted(s.meta["split"] for s in iter_shard_samples(out, decode_images=False)) == ["val", "val"]
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from cloc_data.cli import main as cli_main
 from cloc_data.converters import iter_grit
-from cloc_data.shards import SkipCounter, iter_shard_samples, list_shards
+from cloc_data.shards import SkipCounter, iter_shard_samples
 
 CAPTION = "a dog on a red sofa"
 NOUN_CHUNKS = [[0.0, 5.0, 0.1, 0.2, 0.5, 0.6, 0.9], [9.0, 19.0, 0.0, 0.5, 1.0, 1.0, 0.7]]
@@ -167,7 +167,9 @@ def test_cli_converts_a_folder_and_a_single_tar(tmp_path, capsys):
     assert cli_main([*argv, "--grit-phrases", "both"]) == 0
     capsys.readouterr()
     (only,) = iter_shard_samples(out1)
-    assert only.key == "000010000" and [r.meta["kind"] for r in only.regions] == ["noun_chunk"] * 2 + ["ref_exp"]
+    assert only.key == "000010000" and [r.meta["kind"] for r in only.regions] == ["noun_chunk"] * 2 + [
+        "ref_exp"
+    ]
 
 
 def test_missing_image_and_caption_from_txt(tmp_path):
@@ -210,7 +212,12 @@ def test_parquet_rows_annotation_only_and_embedded_images(tmp_path, capsys):
     embedded = [dict(rows[0], image={"bytes": jpeg((320, 240)), "path": None})]
     pq.write_table(pa.Table.from_pylist(embedded), tmp_path / "with_images.parquet")
     (with_image,) = iter_grit(tmp_path / "with_images.parquet", SkipCounter())
-    assert (with_image.width, with_image.height) == (320, 240) and rounded(with_image)[0] == (32.0, 48.0, 160.0, 144.0)
+    assert (with_image.width, with_image.height) == (320, 240) and rounded(with_image)[0] == (
+        32.0,
+        48.0,
+        160.0,
+        144.0,
+    )
 
 
 def test_truncated_tar_keeps_samples_before_the_damage(tmp_path):
@@ -230,7 +237,9 @@ def test_only_failed_downloads_is_an_error(tmp_path, capsys):
         (f"00000000{i}", img2dataset_json(f"00000000{i}", None, None, status="failed_to_download"), None)
         for i in range(2)
     ])  # fmt: skip
-    assert cli_main(["convert", "--format", "grit", "--input", str(folder), "--out", str(tmp_path / "o")]) == 1
+    assert (
+        cli_main(["convert", "--format", "grit", "--input", str(folder), "--out", str(tmp_path / "o")]) == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"cloc-data: error: {folder}: no samples") and "failed_download 2" in err
 

@@ -383,7 +383,10 @@ def iter_refcoco(
         elif path.suffix == ".p" or (path.suffix == ".json" and path.name.startswith("refs(")):
             inst = Path(instances) if instances is not None else path.parent / "instances.json"
             if not inst.is_file():
-                raise FileNotFoundError(f"{path}: instances.json not found (pass instances=...)")
+                raise FileNotFoundError(
+                    f"{path}: no instances.json beside it; pass --instances FILE (instances= in Python), the COCO "
+                    "instances.json of the same dataset"
+                )
             yield from iter_refer(path, inst, skipped, split=split, per=per, dataset=dataset)
         else:
             if per != "ref":
