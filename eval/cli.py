@@ -30,7 +30,8 @@ from pathlib import Path
 
 from eval.baselines import EncodeOptions
 from eval.report import write_markdown
-from eval.runner import METHODS, TASKS, evaluate, resolve_data, save_results
+from eval.results import METHODS, save_results
+from eval.runner import TASKS, evaluate, resolve_data
 
 logger = logging.getLogger("cloc-eval")
 
