@@ -90,14 +90,10 @@ class CLOCVisionTower(nn.Module):
         if self.is_loaded:
             logger.info("%s is already loaded, `load_model` called again, skipping.", self.vision_tower_name)
             return
-        model = AutoModel.from_pretrained(self.vision_tower_name, device_map=device_map)
-        self._install(model)
-        self.vision_tower.requires_grad_(False)
-        if self.region_model is not None:
-            self.region_model.requires_grad_(False)
+        self._install(AutoModel.from_pretrained(self.vision_tower_name, device_map=device_map))
 
     def _install(self, model: nn.Module) -> None:
-        """Take the ViT (and the Prompter part, if any) out of a loaded or freshly built CLOC model."""
+        """Take the ViT (and the Prompter part, if any) out of a loaded or freshly built CLOC model, frozen."""
         if isinstance(model, CLOCModel):
             self.vision_tower = model.vision_model
             for name in _UNUSED_PARTS:
@@ -111,6 +107,7 @@ class CLOCVisionTower(nn.Module):
                 f"{self.vision_tower_name} holds a {type(model).__name__}, not a CLOC checkpoint "
                 "(CLOCModel or CLOCVisionModel)"
             )
+        self.requires_grad_(False)  # as LLaVA: training the tower is opted into with requires_grad_(True)
         self.image_processor = _load_image_processor(self.vision_tower_name, self.vision_tower.config)
         self.is_loaded = True
 
@@ -132,10 +129,9 @@ class CLOCVisionTower(nn.Module):
             vision_tower = getattr(args, "mm_vision_tower", getattr(args, "vision_tower", None))
         if vision_tower is None:
             raise ValueError("pass vision_tower= or set args.mm_vision_tower: the CLOC checkpoint's config is needed")
-        name = vision_tower
         tower = cls.__new__(cls)  # the constructor could load the original weights; this path never does
         nn.Module.__init__(tower)
-        tower._read_args(name, args)
+        tower._read_args(vision_tower, args)
         tower.cfg_only = _vision_config(_read_config(tower.vision_tower_name))
         tower.load_mllm_state_dict(state_dict, prefix=prefix)
         return tower

@@ -151,6 +151,7 @@ def test_fine_tuned_tower_comes_back_from_the_mllm_weights(cloc_dir, tmp_path):
     for source in (mllm, tmp_path / "mllm"):
         loaded = CLOCVisionTower.from_mllm_state_dict(source, _args(no_weights))
         loaded.load_model()  # what LLaVA's loader calls next: must not replace the fine-tuned weights
+        assert loaded.is_loaded and not any(p.requires_grad for p in loaded.parameters())
         for key, value in tower.state_dict().items():
             torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
         with torch.no_grad():
