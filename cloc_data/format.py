@@ -17,6 +17,9 @@ webdataset-style tar shards (the layout img2dataset writes): for each sample ``K
 * ``score`` is a detector confidence (``null`` for human labels); ``source`` says where the region
   comes from (``"human"``, ``"owlv2"``, ``"synthetic"``...).
 * ``meta`` is free-form (class ids, attributes, split, referring-expression ids...).
+
+Training and evaluation read the same samples: evaluation derives small per-task views from them
+(:mod:`eval.region`, :mod:`eval.retrieval`, :mod:`eval.rec`) instead of a data model of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
+from cloc_hf.box_ops import validate_boxes
+
 
 class MalformedSample(ValueError):
     """A record that cannot become a valid sample; pipelines skip and count these."""
@@ -32,7 +39,18 @@ class MalformedSample(ValueError):
 
 @dataclass
 class Region:
-    box: tuple[float, float, float, float]  # xyxy, original-image pixels
+    """One box and the text that names it.
+
+    Attributes:
+        box: xyxy in original-image pixels.
+        phrase: the text naming the box (a class name, a noun phrase, a referring expression).
+        score: detector confidence; ``None`` (default) for human labels.
+        source: where the region comes from (``"human"``, ``"owlv2"``, ``"synthetic"``); ``None``
+            (default) when unknown.
+        meta: free-form per-region fields (``category_id``, ``ann_id``, ``sent_id``...); empty by default.
+    """
+
+    box: tuple[float, float, float, float]
     phrase: str
     score: float | None = None
     source: str | None = None
@@ -47,13 +65,25 @@ class Region:
 
 @dataclass
 class RegionSample:
+    """One image, its caption and its regions (see the module docstring for the JSON layout).
+
+    Attributes:
+        key: unique within a dataset; the shard member name (``[A-Za-z0-9_-]``).
+        caption: image-level text; ``""`` when the source has none (COCO instances, RefCOCO).
+        width, height: the original image size in pixels, the frame of every region box.
+        regions: the boxes and their phrases; empty by default.
+        meta: free-form per-sample fields (``dataset``, ``split``, ``image_id``, ``image_path``...).
+        image: a ``PIL.Image``, encoded bytes, or a file path; ``None`` (default) when only the
+            annotations are carried (converters leave it ``None`` and put the path in ``meta["image_path"]``).
+    """
+
     key: str
     caption: str
     width: int
     height: int
     regions: list[Region] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
-    image: Any = None  # PIL.Image, encoded bytes, or None when only annotations are carried
+    image: Any = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,19 +126,51 @@ class RegionSample:
         return sample
 
     def validate(self) -> RegionSample:
-        """Raise :class:`MalformedSample` naming the bad item; returns ``self`` when valid."""
+        """Raise :class:`MalformedSample` naming the bad item; returns ``self`` (unchanged) when valid.
+
+        Boxes are checked by :func:`cloc_hf.box_ops.validate_boxes`, the project's one box check: 4
+        finite numbers with ``x2 > x1`` and ``y2 > y1``. Where a box lies relative to the image is not
+        checked here (``tolerance=inf``), so shards from any writer read as they always have; the
+        converters clip or drop boxes outside the image (:func:`cloc_data.converters.common.clean_sample`)
+        and the processor refuses boxes far outside its frame. Phrases must not be blank.
+        """
         if self.width < 1 or self.height < 1:
-            raise MalformedSample(f"sample {self.key!r}: image size {self.width}x{self.height} is not positive")
+            raise MalformedSample(
+                f"sample {self.key!r}: image size {self.width}x{self.height} is not positive"
+            )
         for i, region in enumerate(self.regions):
-            box = region.box
-            if len(box) != 4 or not all(math.isfinite(v) for v in box):
-                raise MalformedSample(f"sample {self.key!r} region {i}: box {box} is not 4 finite numbers")
-            x1, y1, x2, y2 = box
-            if x2 <= x1 or y2 <= y1:
-                raise MalformedSample(f"sample {self.key!r} region {i}: box {box} is empty or flipped (xyxy)")
+            if len(region.box) != 4:
+                raise MalformedSample(f"sample {self.key!r} region {i}: box {region.box} is not 4 numbers")
             if not region.phrase.strip():
                 raise MalformedSample(f"sample {self.key!r} region {i}: empty phrase")
+        if self.regions:
+            try:
+                boxes = torch.tensor([list(r.box) for r in self.regions], dtype=torch.float64)
+                validate_boxes(boxes, width=self.width, height=self.height, tolerance=math.inf)
+            except (TypeError, ValueError):
+                self._raise_for_bad_box()
         return self
+
+    def _raise_for_bad_box(self) -> None:
+        """Raise :class:`MalformedSample` naming the first region whose box fails the check."""
+        for i, region in enumerate(self.regions):
+            try:
+                box = torch.tensor([list(region.box)], dtype=torch.float64)
+            except (TypeError, ValueError) as err:
+                bad = f"sample {self.key!r} region {i}: box {region.box} is not 4 numbers"
+                raise MalformedSample(bad) from err
+            try:
+                validate_boxes(box, name="box", width=self.width, height=self.height, tolerance=math.inf)
+            except ValueError as err:
+                detail = str(err).replace("box[0]", "box", 1)
+                raise MalformedSample(f"sample {self.key!r} region {i}: {detail}") from err
+
+    def box_tensor(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The regions' boxes as one ``(n, 4)`` xyxy pixel tensor (``(0, 4)`` without regions).
+
+        ``dtype`` defaults to float32, what the processor and the model take.
+        """
+        return torch.tensor([list(r.box) for r in self.regions], dtype=dtype).reshape(-1, 4)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

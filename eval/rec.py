@@ -13,23 +13,28 @@ centre accuracy, in percent):
   CLIP model) and the candidate most similar to the expression's text embedding is the prediction.
   ``chance_acc@0.5`` is the expected Acc@0.5 of picking a candidate at random.
 
-Data: a refer-toolkit refs list (``refs(unc).p`` via the restricted unpickler, or a ``refs(*).json``
-such as the synthetic scenes write) plus the COCO instances file its ``ann_id``/``image_id`` point to.
+Data: a refer-toolkit refs file (``refs(unc).p``, or a ``refs(*).json`` such as the synthetic scenes
+write) plus the COCO instances file its ``ann_id``/``image_id`` point to, read by the converters
+(:func:`cloc_data.converters.refcoco.iter_refer`, with its restricted unpickler, for the expressions;
+:func:`cloc_data.converters.coco.iter_coco_instances` for the candidate boxes) with their skip rules,
+and seen per image through :class:`RecImageView`. Protocol details: ``docs/design.md`` (section 7).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from cloc_hf.box_ops import box_convert, box_iou
+from cloc_data.converters.coco import iter_coco_instances
+from cloc_data.converters.refcoco import iter_refer
+from cloc_data.format import RegionSample
+from cloc_data.shards import SkipCounter
+from cloc_hf.box_ops import box_iou
 from cloc_hf.image_processing_cloc import load_rgb_image
 from eval.baselines import (
     EncodeOptions,
@@ -40,128 +45,127 @@ from eval.baselines import (
     model_device_dtype,
 )
 from eval.metrics import rec_accuracy, rec_accuracy_by_ranking
-from cloc_data.converters.common import load_json
-from cloc_data.safe_pickle import load_pickle_file
-
-logger = logging.getLogger(__name__)
+from eval.region import attach_image_paths
 
 CHANCE_IOU = 0.5
 
 
 @dataclass
-class ReferringExpression:
-    """One sentence referring to one box (xyxy, original-image pixels)."""
+class RecImageView:
+    """REC's view of one image of one split: its referring-expression samples and candidate boxes.
 
-    sentence: str
-    box: tuple[float, float, float, float]
-    split: str | None = None
-    ref_id: Any = None
-    sent_id: Any = None
+    Attributes:
+        refs: the image's per-ref samples (:func:`~cloc_data.converters.refcoco.iter_refer`,
+            ``per="ref"``) in refs order; each region is one sentence with the referred box.
+        candidates: ``(k, 4)`` float32 xyxy pixels: every ground-truth box of the image (the COCO
+            converter's regions, in annotation order), then any referred box missing from them (a
+            crowd annotation can be referred to), in refs order.
+    """
 
-
-@dataclass
-class RecImage:
-    """One image, its candidate boxes (all ground-truth boxes, ``(k, 4)`` xyxy pixels) and expressions."""
-
-    image: Any
+    refs: list[RegionSample]
     candidates: torch.Tensor
-    expressions: list[ReferringExpression] = field(default_factory=list)
-    image_id: Any = None
+
+    @property
+    def image(self) -> Any:
+        """What the encoders load: ``image_dir / file_name`` for refer-toolkit data."""
+        return self.refs[0].image
+
+    @property
+    def image_id(self) -> Any:
+        return self.refs[0].meta.get("image_id")
+
+    @property
+    def sentences(self) -> list[str]:
+        """Every expression of the image, refs in order, sentences in order within a ref."""
+        return [region.phrase for ref in self.refs for region in ref.regions]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """``(E, 4)`` float64 xyxy pixels: the referred box of each expression of :attr:`sentences`."""
+        return torch.cat([ref.box_tensor(torch.float64) for ref in self.refs]).reshape(-1, 4)
+
+    def as_sample(self) -> RegionSample:
+        """One sample holding every expression of the image as a region (refer-only region retrieval)."""
+        first = self.refs[0]
+        regions = [region for ref in self.refs for region in ref.regions]
+        return RegionSample(first.key, "", first.width, first.height, regions, dict(first.meta), first.image)
 
 
-def _xyxy(bbox) -> tuple[float, float, float, float]:
-    return tuple(box_convert(torch.tensor(bbox, dtype=torch.float32), "xywh", "xyxy").tolist())
+def _candidate_boxes(instances: str | os.PathLike, skipped: SkipCounter) -> dict[Any, RegionSample]:
+    """``{image_id: the COCO converter's sample}`` of ``instances`` (its regions are the candidates)."""
+    return {s.meta["image_id"]: s for s in iter_coco_instances(instances, skipped)}
+
+
+def _image_view(refs: list[RegionSample], coco: RegionSample | None) -> RecImageView:
+    candidates = coco.box_tensor() if coco is not None else torch.zeros(0, 4)
+    known = {r.meta.get("ann_id") for r in coco.regions} if coco is not None else set()
+    extra = []
+    for ref in refs:
+        ann_id = ref.meta.get("ann_id")
+        if ann_id not in known:
+            known.add(ann_id)
+            extra.append(ref.box_tensor()[:1])
+    return RecImageView(refs, torch.cat([candidates, *extra]) if extra else candidates)
 
 
 def load_refs(
-    refs: str | os.PathLike | list,
-    instances: str | os.PathLike | dict,
+    refs: str | os.PathLike,
+    instances: str | os.PathLike,
     image_dir: str | os.PathLike,
     *,
     splits: Sequence[str] | None = None,
     max_images: int | None = None,
-) -> dict[str, list[RecImage]]:
-    """Read refer-style refs + COCO instances into ``{split: [RecImage, ...]}``.
+    skipped: SkipCounter | None = None,
+) -> dict[str, list[RecImageView]]:
+    """Read refer-style refs + COCO instances into ``{split: [RecImageView, ...]}``.
+
+    Splits and images come in first-seen (refs) order.
 
     Args:
-        refs: a ``refs(*).p`` pickle, a ``refs(*).json``, or the list itself.
-        instances: the COCO instances (path or dict) holding the refs' images and annotations.
+        refs: a ``refs(*).p`` pickle or a ``refs(*).json``.
+        instances: the COCO instances file holding the refs' images and annotations.
         image_dir: folder of the images' ``file_name``.
-        splits: keep these splits only (default: every split but ``"train"``).
-        max_images: keep the first images of each split (in refs order).
+        splits: keep these splits only (default: every split but ``"train"``; a ref without a split
+            belongs to ``"all"``).
+        max_images: keep the first images of each split (in refs order); default all.
+        skipped: where the converters count what they drop (refs whose image or annotation is not
+            in ``instances``, invalid boxes, empty sentences; crowd or invalid candidate boxes).
 
-    Refs whose image or annotation is not in ``instances`` are skipped (and counted in a warning); a
-    sentence is its ``sent`` (``raw`` when empty).
+    A sentence is its ``sent`` (``raw`` when empty), whitespace collapsed.
     """
-    if not isinstance(refs, list):
-        refs = load_json(refs) if Path(refs).suffix == ".json" else load_pickle_file(refs)
-    data = instances if isinstance(instances, dict) else load_json(instances)
-    images = {img["id"]: img for img in data["images"]}
-    anns = {a["id"]: a for a in data["annotations"]}
-    candidates: dict[Any, list[dict]] = defaultdict(list)
-    for ann in data["annotations"]:
-        if (
-            not ann.get("iscrowd")
-            and len(ann.get("bbox") or ()) == 4
-            and ann["bbox"][2] > 0
-            and ann["bbox"][3] > 0
-        ):
-            candidates[ann["image_id"]].append(ann)
-
-    by_split: dict[str, dict[Any, RecImage]] = defaultdict(dict)
-    missing = 0
-    for ref in refs:
-        split = ref.get("split") or "all"
+    if skipped is None:
+        skipped = SkipCounter("REC refs", max_logged_per_reason=5)
+    # one split asked for: the converter filters, so refs of other splits (whose annotations may be in
+    # another instances file) are not looked up; refs without a split are "all" and need no filter
+    only = splits[0] if splits is not None and len(splits) == 1 and splits[0] != "all" else None
+    by_split: dict[str, dict[Any, list[RegionSample]]] = defaultdict(dict)
+    for sample in attach_image_paths(iter_refer(refs, instances, skipped, split=only, per="ref"), image_dir):
+        split = sample.meta.get("split") or "all"
         if (splits is None and split == "train") or (splits is not None and split not in splits):
             continue
-        ann, entry = anns.get(ref.get("ann_id")), images.get(ref.get("image_id"))
-        if ann is None or entry is None:
-            missing += 1
-            continue
         group = by_split[split]
-        if entry["id"] not in group:
+        image_id = sample.meta.get("image_id")
+        if image_id not in group:
             if max_images is not None and len(group) >= max_images:
                 continue
-            cands = candidates[entry["id"]]
-            if ann["id"] not in {a["id"] for a in cands}:  # a crowd annotation can still be referred to
-                cands = [*cands, ann]
-            group[entry["id"]] = RecImage(
-                image=str(Path(image_dir) / entry["file_name"]),
-                candidates=torch.tensor([_xyxy(a["bbox"]) for a in cands], dtype=torch.float32).reshape(
-                    -1, 4
-                ),
-                image_id=entry["id"],
-            )
-        box = _xyxy(ann["bbox"])
-        for sent in ref.get("sentences") or []:
-            text = str(sent.get("sent") or sent.get("raw") or "") if isinstance(sent, dict) else str(sent)
-            if text.strip():
-                group[entry["id"]].expressions.append(
-                    ReferringExpression(
-                        text,
-                        box,
-                        split,
-                        ref.get("ref_id"),
-                        sent.get("sent_id") if isinstance(sent, dict) else None,
-                    )
-                )
-    if missing:
-        logger.warning("skipped %d refs whose image or annotation is not in the instances file", missing)
-    return {split: [img for img in group.values() if img.expressions] for split, group in by_split.items()}
+            group[image_id] = []
+        group[image_id].append(sample)
+    coco = _candidate_boxes(instances, skipped) if by_split else {}
+    return {
+        split: [_image_view(refs_, coco.get(image_id)) for image_id, refs_ in group.items()]
+        for split, group in by_split.items()
+    }
 
 
-def _expressions(images: Sequence[RecImage]) -> tuple[list[str], torch.Tensor]:
-    sentences = [e.sentence for img in images for e in img.expressions]
-    boxes = torch.tensor([e.box for img in images for e in img.expressions], dtype=torch.float64).reshape(
-        -1, 4
-    )
+def _expressions(images: Sequence[RecImageView]) -> tuple[list[str], torch.Tensor]:
+    sentences = [text for img in images for text in img.sentences]
     if not sentences:
         raise ValueError("REC: no referring expressions to evaluate")
-    return sentences, boxes
+    return sentences, torch.cat([img.targets for img in images])
 
 
 def predict_boxes_with_head(
-    model, processor, images: Sequence[RecImage], options: EncodeOptions | None = None
+    model, processor, images: Sequence[RecImageView], options: EncodeOptions | None = None
 ) -> torch.Tensor:
     """``(E, 4)`` box-head predictions in original-image pixels, one per expression (in order).
 
@@ -177,8 +181,8 @@ def predict_boxes_with_head(
             vision = model.get_image_features(
                 pixel_values=inputs["pixel_values"].to(device=device, dtype=dtype)
             )
-            sentences = [e.sentence for img in chunk for e in img.expressions]
-            counts = [len(img.expressions) for img in chunk]
+            sentences = [text for img in chunk for text in img.sentences]
+            counts = [len(img.sentences) for img in chunk]
             text = processor(text=sentences, return_tensors="pt")
             index = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(counts))
             pred = model.ground(
@@ -195,7 +199,7 @@ def predict_boxes_with_head(
 
 
 def rec_by_box_head(
-    model, processor, images: Sequence[RecImage], options: EncodeOptions | None = None
+    model, processor, images: Sequence[RecImageView], options: EncodeOptions | None = None
 ) -> dict[str, Any]:
     """REC with the box head; :func:`~eval.metrics.rec_accuracy` + ``num_expressions``/``num_images``."""
     if getattr(model, "box_head", None) is None:
@@ -208,7 +212,11 @@ def rec_by_box_head(
 
 
 def rec_by_ranking(
-    model, processor, images: Sequence[RecImage], method: str = "cloc", options: EncodeOptions | None = None
+    model,
+    processor,
+    images: Sequence[RecImageView],
+    method: str = "cloc",
+    options: EncodeOptions | None = None,
 ) -> dict[str, Any]:
     """REC by ranking each image's ground-truth boxes with region-text similarity.
 
@@ -224,7 +232,7 @@ def rec_by_ranking(
     scores, boxes, chance = [], [], []
     row = 0
     for img, embeds in zip(images, regions):
-        for _ in img.expressions:
+        for _ in img.sentences:
             scores.append(embeds @ text[row])
             boxes.append(img.candidates)
             hits = box_iou(img.candidates.double(), gt[row : row + 1]).reshape(-1) >= CHANCE_IOU
@@ -239,7 +247,7 @@ def rec_by_ranking(
 def evaluate_rec(
     model,
     processor,
-    data: dict[str, Sequence[RecImage]],
+    data: dict[str, Sequence[RecImageView]],
     methods: Sequence[str] = ("cloc",),
     box_head: bool = True,
     options: EncodeOptions | None = None,

@@ -1,4 +1,4 @@
-"""Region recognition with ground-truth boxes on COCO / LVIS-format data (DESIGN.md section 6).
+"""Region recognition with ground-truth boxes on COCO / LVIS-format data.
 
 For every ground-truth box, a region embedding (the Prompter, or a CLIP baseline: see
 :mod:`eval.baselines`) is compared with the text embeddings of the *plain class names* (no prompt
@@ -10,28 +10,33 @@ template, as the paper); the prediction is the most similar class. Reported in p
   ``colour``);
 * ``by_size``: ``macc``/``acc``/count per size class, when the annotations carry a ``size`` field.
 
+The data are the :class:`~cloc_data.format.RegionSample` s of the COCO/LVIS converter
+(:func:`cloc_data.converters.coco.iter_coco_instances`, the same reader and skip rules that write
+training shards), seen through :class:`RegionRecognitionView`: per image the boxes and their class
+ids. Protocol details: ``docs/design.md`` (section 7).
+
 Usage::
 
     data = load_coco_regions("instances_val2017.json", "val2017/")
-    result = region_recognition(model, processor, data, method="cloc")   # {"macc": 71.3, ...}
+    result = region_recognition(model, processor, data, method="cloc")   # {"macc": ..., "acc": ...}
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cloc_hf.box_ops import box_convert
+from cloc_data.converters.coco import iter_coco_instances, read_instances, sorted_categories
+from cloc_data.format import RegionSample
+from cloc_data.shards import SkipCounter
 from eval.baselines import EncodeOptions, check_method, encode_class_names, encode_regions
 from eval.metrics import mean_per_class_accuracy, per_group_accuracy
-from cloc_data.converters.coco import lvis_name
-from cloc_data.converters.common import load_json
 
 # Category fields that describe the dataset's bookkeeping, not an attribute of the object class.
 NON_ATTRIBUTE_FIELDS = frozenset(
@@ -40,36 +45,56 @@ NON_ATTRIBUTE_FIELDS = frozenset(
 
 
 @dataclass
-class AnnotatedImage:
-    """One image and its ground-truth boxes.
+class RegionRecognitionView:
+    """Region recognition's view of region samples: per image the ground-truth boxes and class ids.
 
     Attributes:
-        image: a file path, encoded bytes or a PIL image (loaded when it is encoded).
-        boxes: ``(n, 4)`` xyxy in original-image pixels.
-        labels: ``(n,)`` class index (into the dataset's ``class_names``).
-        sizes: size class of each box (``None`` when the annotations carry none).
-        image_id: the dataset's id, for reference.
+        samples: one sample per image; each region is a ground-truth box whose ``meta["category_id"]``
+            names its class; ``sample.image`` is what the encoders load (a path, bytes or a PIL image).
+        class_names: the plain class names, in class-index order (categories sorted by id).
+        category_ids: the dataset's category id of each class index.
+        attributes: ``{attr: {class index: value}}`` (see :func:`class_attributes`); empty by default.
+        size_field: the region ``meta`` field holding a size class (default ``"size"``, the synthetic
+            scenes'); ``None`` reads no sizes.
+
+    ``images``, ``boxes`` (``(n, 4)`` float32 xyxy pixels), ``labels`` (``(n,)`` class indices) and
+    ``sizes`` (per box, or ``None`` for an image without size labels) are derived once from ``samples``.
     """
 
-    image: Any
-    boxes: torch.Tensor
-    labels: torch.Tensor
-    sizes: list[str | None] | None = None
-    image_id: Any = None
-
-
-@dataclass
-class RegionRecognitionData:
-    """Images with labelled boxes, the class names, and class attributes (``{attr: {class: value}}``)."""
-
-    images: list[AnnotatedImage]
+    samples: list[RegionSample]
     class_names: list[str]
+    category_ids: list[Any]
     attributes: dict[str, dict[int, Any]] = field(default_factory=dict)
-    category_ids: list[Any] = field(default_factory=list)
+    size_field: str | None = "size"
+    images: list[Any] = field(init=False, repr=False)
+    boxes: list[torch.Tensor] = field(init=False, repr=False)
+    labels: list[torch.Tensor] = field(init=False, repr=False)
+    sizes: list[list[Any] | None] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if len(self.class_names) != len(self.category_ids):
+            raise ValueError(f"{len(self.class_names)} class names but {len(self.category_ids)} category ids")
+        index = {cid: i for i, cid in enumerate(self.category_ids)}
+        self.images = [s.image for s in self.samples]
+        self.boxes = [s.box_tensor() for s in self.samples]
+        self.labels, self.sizes = [], []
+        for sample in self.samples:
+            ids = []
+            for j, region in enumerate(sample.regions):
+                cid = region.meta.get("category_id")
+                if cid not in index:
+                    raise ValueError(
+                        f"sample {sample.key!r} region {j}: category_id {cid!r} "
+                        f"is not one of the {len(index)} classes"
+                    )
+                ids.append(index[cid])
+            self.labels.append(torch.tensor(ids, dtype=torch.long))
+            sizes = [r.meta.get(self.size_field) for r in sample.regions] if self.size_field else []
+            self.sizes.append(sizes if any(s is not None for s in sizes) else None)
 
     @property
     def num_regions(self) -> int:
-        return sum(len(img.labels) for img in self.images)
+        return sum(len(labels) for labels in self.labels)
 
 
 def class_attributes(
@@ -92,92 +117,95 @@ def class_attributes(
     }
 
 
+def region_recognition_view(
+    samples: Iterable[RegionSample],
+    categories: Sequence[dict],
+    *,
+    attributes: Sequence[str] | None = None,
+    size_field: str | None = "size",
+) -> RegionRecognitionView:
+    """The view of ``samples`` whose regions carry ``meta["category_id"]`` of ``categories``.
+
+    ``categories`` are COCO category dicts in class order (as
+    :func:`~cloc_data.converters.coco.sorted_categories` returns them: sorted by id, ``name`` the plain
+    class name); ``attributes`` as in :func:`class_attributes`.
+    """
+    categories = list(categories)
+    return RegionRecognitionView(
+        samples=list(samples),
+        class_names=[str(c["name"]) for c in categories],
+        category_ids=[c["id"] for c in categories],
+        attributes=class_attributes(categories, attributes),
+        size_field=size_field,
+    )
+
+
+def attach_image_paths(
+    samples: Iterable[RegionSample], image_dir: str | os.PathLike
+) -> Iterator[RegionSample]:
+    """Set each converter sample's ``image`` to ``image_dir / meta["image_path"]`` (the encoders load it).
+
+    A sample without an ``image_path`` raises ``ValueError`` naming it.
+    """
+    for sample in samples:
+        path = sample.meta.get("image_path")
+        if not path:
+            raise ValueError(
+                f"sample {sample.key!r} has no image path (no file_name or coco_url in its image entry)"
+            )
+        sample.image = str(Path(image_dir) / path)
+        yield sample
+
+
 def load_coco_regions(
     instances: str | os.PathLike | dict,
     image_dir: str | os.PathLike,
     *,
     max_images: int | None = None,
     attributes: Sequence[str] | None = None,
-    size_field: str = "size",
-) -> RegionRecognitionData:
-    """Read a COCO / LVIS instances file into :class:`RegionRecognitionData`.
+    size_field: str | None = "size",
+    skipped: SkipCounter | None = None,
+) -> RegionRecognitionView:
+    """Read a COCO / LVIS instances file with the converter and view it for region recognition.
 
     Classes are the categories sorted by id, named by their plain ``name`` (LVIS ``traffic_light`` ->
-    ``traffic light``). Crowd annotations and boxes without area are left out; images without a box
-    are dropped. ``max_images`` keeps the first images (in file order) that have a box. Image paths are
-    ``image_dir / file_name``; LVIS images have none and are ``image_dir / "val2017/0000...jpg"`` (the
-    last two parts of ``coco_url``: LVIS val draws on COCO train2017 and val2017), so pass the COCO root.
+    ``traffic light``). Annotations and images are kept or dropped by the converter's rules, each drop
+    counted in ``skipped`` (crowd boxes, boxes without area or far outside the image, unknown
+    categories; images left without a box). ``max_images`` (default all) keeps the first images (in file
+    order) that have a box. Image paths are ``image_dir / file_name``; LVIS images have none and are
+    ``image_dir / "val2017/0000...jpg"`` (the last two parts of ``coco_url``: LVIS val draws on COCO
+    train2017 and val2017), so pass the COCO root.
     """
-    data = instances if isinstance(instances, dict) else load_json(instances)
-    if (
-        not isinstance(data, dict)
-        or "images" not in data
-        or "annotations" not in data
-        or "categories" not in data
-    ):
-        raise ValueError(
-            f"{instances}: not a COCO/LVIS instances file (needs images, annotations, categories)"
-        )
-    categories = sorted(data["categories"], key=lambda c: c["id"])
-    lvis = any("synonyms" in c for c in categories)
-    class_of = {c["id"]: i for i, c in enumerate(categories)}
-    anns_by_image: dict[Any, list[dict]] = defaultdict(list)
-    for ann in data["annotations"]:
-        if ann.get("iscrowd") or ann.get("category_id") not in class_of:
-            continue
-        bbox = ann.get("bbox") or ()
-        if len(bbox) == 4 and bbox[2] > 0 and bbox[3] > 0:
-            anns_by_image[ann["image_id"]].append(ann)
-
-    images = []
-    for entry in data["images"]:
-        anns = anns_by_image.get(entry["id"])
-        if not anns:
-            continue
-        name = entry.get("file_name") or "/".join(str(entry.get("coco_url", "")).rstrip("/").split("/")[-2:])
-        boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32), "xywh", "xyxy")
-        sizes = [a.get(size_field) for a in anns]
-        images.append(
-            AnnotatedImage(
-                image=str(Path(image_dir) / name),
-                boxes=boxes,
-                labels=torch.tensor([class_of[a["category_id"]] for a in anns]),
-                sizes=sizes if any(s is not None for s in sizes) else None,
-                image_id=entry["id"],
-            )
-        )
-        if max_images is not None and len(images) >= max_images:
-            break
-    names = [lvis_name(c["name"]) if lvis else str(c["name"]) for c in categories]
-    return RegionRecognitionData(
-        images=images,
-        class_names=names,
-        attributes=class_attributes(categories, attributes),
-        category_ids=[c["id"] for c in categories],
+    data = read_instances(instances)
+    if "categories" not in data:
+        where = "the instances dict" if isinstance(instances, dict) else os.fspath(instances)
+        raise ValueError(f"{where}: no categories (region recognition needs the class names)")
+    if skipped is None:
+        skipped = SkipCounter("COCO annotations", max_logged_per_reason=5)
+    fields = (size_field,) if size_field else ()
+    samples = attach_image_paths(iter_coco_instances(data, skipped, region_fields=fields), image_dir)
+    return region_recognition_view(
+        itertools.islice(samples, max_images),
+        sorted_categories(data),
+        attributes=attributes,
+        size_field=size_field,
     )
 
 
 def predict_regions(
-    model, processor, data: RegionRecognitionData, method: str = "cloc", options: EncodeOptions | None = None
+    model, processor, data: RegionRecognitionView, method: str = "cloc", options: EncodeOptions | None = None
 ) -> torch.Tensor:
     """``(R,)`` predicted class index of every box, images in order, boxes in order within an image."""
     check_method(method)
     text = encode_class_names(model, processor, data.class_names, options=options)
-    regions = encode_regions(
-        model,
-        processor,
-        [img.image for img in data.images],
-        [img.boxes for img in data.images],
-        method,
-        options,
-    )
+    regions = encode_regions(model, processor, data.images, data.boxes, method, options)
     if not regions:
         return torch.zeros(0, dtype=torch.long)
     return (torch.cat(regions) @ text.T).argmax(dim=1)
 
 
 def region_recognition(
-    model, processor, data: RegionRecognitionData, method: str = "cloc", options: EncodeOptions | None = None
+    model, processor, data: RegionRecognitionView, method: str = "cloc", options: EncodeOptions | None = None
 ) -> dict[str, Any]:
     """Region recognition with ground-truth boxes; accuracies in percent.
 
@@ -187,7 +215,7 @@ def region_recognition(
     if data.num_regions == 0:
         raise ValueError("region_recognition: the data holds no boxes")
     pred = predict_regions(model, processor, data, method, options)
-    true = torch.cat([img.labels for img in data.images])
+    true = torch.cat(data.labels)
     num_classes = len(data.class_names)
     out: dict[str, Any] = {
         "method": method,
@@ -196,11 +224,15 @@ def region_recognition(
         "attributes": per_group_accuracy(pred, true, data.attributes) if data.attributes else {},
         "by_size": {},
         "num_regions": len(true),
-        "num_images": len(data.images),
+        "num_images": len(data.samples),
         "num_classes": num_classes,
     }
-    if any(img.sizes is not None for img in data.images):
-        sizes = [s for img in data.images for s in (img.sizes or [None] * len(img.labels))]
+    if any(sizes is not None for sizes in data.sizes):
+        sizes = [
+            s
+            for img_sizes, labels in zip(data.sizes, data.labels)
+            for s in (img_sizes or [None] * len(labels))
+        ]
         for size in sorted({s for s in sizes if s is not None}, key=str):
             keep = torch.tensor([s == size for s in sizes])
             out["by_size"][str(size)] = {

@@ -1,7 +1,7 @@
-"""Retrieval and zero-shot classification (DESIGN.md section 6), all results in percent.
+"""Retrieval and zero-shot classification, all results in percent.
 
-* :func:`region_text_retrieval`: GRIT-style region <-> phrase recall@k over (image, box, phrase)
-  triples, region embeddings by any method of :mod:`eval.baselines`;
+* :func:`region_text_retrieval`: GRIT-style region <-> phrase recall@k over the (image, box, phrase)
+  triples of region samples, region embeddings by any method of :mod:`eval.baselines`;
 * :func:`image_text_retrieval`: image <-> caption recall@k (COCO/Flickr protocol: an image may have
   several captions);
 * :func:`zero_shot_classification`: top-1 (and top-5) over class-name prompts.
@@ -10,17 +10,23 @@ Duplicate texts: the text gallery holds each distinct text once (compared after 
 collapsing whitespace, as the tokenizer does), and *every* region/image carrying that text is a
 positive for it. Without this, two copies of "a red circle" would have identical embeddings and the
 tie would count against the model (see :func:`eval.metrics.retrieval_recall_at_k`).
+
+Both retrieval tasks read :class:`~cloc_data.format.RegionSample` s as the shards hold them (or as a
+converter yields them, with ``image`` set): the region view is each sample's boxes and phrases, the
+image view its image and caption. Protocol details: ``docs/design.md`` (section 7).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from cloc_data.format import RegionSample
+from cloc_data.shards import SkipCounter, iter_shard_samples
 from eval.baselines import (
     EncodeOptions,
     check_method,
@@ -30,63 +36,17 @@ from eval.baselines import (
     encode_texts,
 )
 from eval.metrics import bidirectional_retrieval, topk_accuracy
-from cloc_data.format import RegionSample
-from cloc_data.shards import SkipCounter, iter_shard_samples
 
 RETRIEVAL_KS = (1, 5, 10)
-
-
-@dataclass
-class RegionTextImage:
-    """One image with phrases tied to boxes: ``boxes (n, 4)`` xyxy pixels, ``phrases`` n strings."""
-
-    image: Any
-    boxes: torch.Tensor
-    phrases: list[str]
-    key: Any = None
-
-
-@dataclass
-class CaptionedImage:
-    """One image and its captions (one or more)."""
-
-    image: Any
-    captions: list[str] = field(default_factory=list)
-    key: Any = None
 
 
 # --- data from region-text shards ---------------------------------------------------------------------
 def read_shard_samples(
     shards: str | os.PathLike | Iterable, max_images: int | None = None, skipped: SkipCounter | None = None
 ) -> list[RegionSample]:
-    """The first ``max_images`` valid samples of ``shards``, images kept as encoded bytes."""
-    out = []
-    for sample in iter_shard_samples(shards, decode_images=False, skipped=skipped):
-        out.append(sample)
-        if max_images is not None and len(out) >= max_images:
-            break
-    return out
-
-
-def region_texts_from_samples(samples: Iterable[RegionSample]) -> list[RegionTextImage]:
-    """One :class:`RegionTextImage` per sample with regions (their boxes and phrases)."""
-    return [
-        RegionTextImage(
-            image=s.image,
-            boxes=torch.tensor([r.box for r in s.regions], dtype=torch.float32),
-            phrases=[r.phrase for r in s.regions],
-            key=s.key,
-        )
-        for s in samples
-        if s.regions
-    ]
-
-
-def captions_from_samples(samples: Iterable[RegionSample]) -> list[CaptionedImage]:
-    """One :class:`CaptionedImage` per sample with a non-empty caption."""
-    return [
-        CaptionedImage(image=s.image, captions=[s.caption], key=s.key) for s in samples if s.caption.strip()
-    ]
+    """The first ``max_images`` (default all) valid samples of ``shards``, images kept as encoded bytes."""
+    samples = iter_shard_samples(shards, decode_images=False, skipped=skipped)
+    return list(itertools.islice(samples, max_images))
 
 
 # --- duplicates ------------------------------------------------------------------------------------------
@@ -123,43 +83,60 @@ def _retrieval(similarity: torch.Tensor, positives: list[list[int]], ks, names) 
 def region_text_retrieval(
     model,
     processor,
-    items: Sequence[RegionTextImage],
+    samples: Sequence[RegionSample],
     method: str = "cloc",
     ks: Sequence[int] = RETRIEVAL_KS,
     options: EncodeOptions | None = None,
 ) -> dict[str, Any]:
-    """Region -> text and text -> region recall@k over every (box, phrase) of ``items``.
+    """Region -> text and text -> region recall@k over every (box, phrase) of ``samples``.
 
-    Returns ``{"r2t_r1", ..., "t2r_r10", "num_regions", "num_texts", "method"}``; ``num_texts`` counts
+    Samples without regions are left out. Returns ``{"r2t_r1", ..., "t2r_r10", "num_regions",
+    "num_texts", "method"}``; ``num_texts`` counts
     distinct phrases (the text gallery).
     """
     check_method(method)
+    items = [s for s in samples if s.regions]
     regions = encode_regions(
-        model, processor, [it.image for it in items], [it.boxes for it in items], method, options
+        model, processor, [s.image for s in items], [s.box_tensor() for s in items], method, options
     )
     region_embeds = torch.cat(regions) if regions else torch.zeros(0, 0)
     if len(region_embeds) == 0:
         raise ValueError("region_text_retrieval: no regions to evaluate")
-    texts, positives = deduplicate_texts([[p] for it in items for p in it.phrases])
+    texts, positives = deduplicate_texts([[r.phrase] for s in items for r in s.regions])
     text_embeds = encode_texts(model, processor, texts, options)
     out = _retrieval(region_embeds @ text_embeds.T, positives, ks, ("r2t", "t2r"))
     out.update(method=method, num_regions=len(region_embeds), num_texts=len(texts))
     return out
 
 
+def sample_captions(sample: RegionSample) -> list[str]:
+    """The image view's texts of a sample: its caption, or none when the caption is blank."""
+    return [sample.caption] if sample.caption.strip() else []
+
+
 def image_text_retrieval(
     model,
     processor,
-    items: Sequence[CaptionedImage],
+    samples: Sequence[RegionSample],
     ks: Sequence[int] = RETRIEVAL_KS,
     options: EncodeOptions | None = None,
+    *,
+    captions: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """Image -> text and text -> image recall@k; ``{"i2t_r1", ..., "t2i_r10", "num_images", "num_texts"}``."""
-    items = [it for it in items if it.captions]
-    if not items:
+    """Image -> text and text -> image recall@k; ``{"i2t_r1", ..., "t2i_r10", "num_images", "num_texts"}``.
+
+    ``captions``: per sample its captions (COCO and Flickr30k have five per image); by default
+    :func:`sample_captions`. Samples without a caption are left out.
+    """
+    captions = [sample_captions(s) for s in samples] if captions is None else [list(c) for c in captions]
+    if len(captions) != len(samples):
+        raise ValueError(f"{len(samples)} samples but {len(captions)} caption lists")
+    kept = [(s, c) for s, c in zip(samples, captions) if c]
+    if not kept:
         raise ValueError("image_text_retrieval: no captioned images")
-    image_embeds = encode_images(model, processor, [it.image for it in items], options)
-    texts, positives = deduplicate_texts([it.captions for it in items])
+    items = [s for s, _ in kept]
+    image_embeds = encode_images(model, processor, [s.image for s in items], options)
+    texts, positives = deduplicate_texts([c for _, c in kept])
     text_embeds = encode_texts(model, processor, texts, options)
     out = _retrieval(image_embeds @ text_embeds.T, positives, ks, ("i2t", "t2i"))
     out.update(num_images=len(items), num_texts=len(texts))

@@ -8,7 +8,12 @@ with the region methods of :data:`METHODS`, and returns::
      "region_retrieval": {method: {...}},
      "image_retrieval": {...}, "zeroshot": {...},
      "rec": {"box_head": {split: {...}} | None, "ranking": {method: {split: {...}}}},
-     "meta": {"data", "split", "tasks", "methods", "max_images", "model", "skipped", "seconds"}}
+     "meta": {"data", "split", "tasks", "methods", "max_images", "model", "skipped", "data_skips", "seconds"}}
+
+``meta["skipped"]`` names the tasks that had no data and why; ``meta["data_skips"]`` counts, per source
+(``instances``, ``shards``, ``refs``), the records the readers dropped by reason. Every task reads
+:class:`~cloc_data.format.RegionSample` s through the converters' readers (COCO/LVIS instances, refer
+refs) or the shard reader, with the same skip rules as the training data, and views them per task.
 
 A ROW is the summary of one region method: the keys of :data:`eval.results.ROW_KEYS` plus
 ``region_<attribute>_acc`` for each class attribute of the data, in percent, ``None`` where the method
@@ -33,18 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from eval.baselines import EncodeOptions, check_method
-from eval.rec import RecImage, evaluate_rec, load_refs
-from eval.region import RegionRecognitionData, load_coco_regions, region_recognition
+from eval.rec import RecImageView, evaluate_rec, load_refs
+from eval.region import RegionRecognitionView, load_coco_regions, region_recognition
 from eval.retrieval import (
-    RegionTextImage,
-    captions_from_samples,
     image_text_retrieval,
     read_shard_samples,
     region_text_retrieval,
-    region_texts_from_samples,
+    sample_captions,
     zero_shot_classification,
 )
 from eval.results import (  # noqa: F401  (METHODS, ROW_KEYS, jsonable, save_results: this module's API too)
@@ -55,7 +56,8 @@ from eval.results import (  # noqa: F401  (METHODS, ROW_KEYS, jsonable, save_res
     jsonable,
     save_results,
 )
-from cloc_data.shards import list_shards
+from cloc_data.format import RegionSample
+from cloc_data.shards import SkipCounter, list_shards
 
 logger = logging.getLogger(__name__)
 
@@ -173,24 +175,37 @@ class _Run:
         self.results: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
-        self._regions: RegionRecognitionData | None = None
-        self._samples: list | None = None
-        self._rec: dict[str, list[RecImage]] | None = None
+        # what the readers dropped, per source (reported in meta["data_skips"])
+        self.dropped = {
+            "instances": SkipCounter("COCO annotations", max_logged_per_reason=5),
+            "shards": SkipCounter("samples", max_logged_per_reason=5),
+            "refs": SkipCounter("REC refs", max_logged_per_reason=5),
+        }
+        self._regions: RegionRecognitionView | None = None
+        self._samples: list[RegionSample] | None = None
+        self._rec: dict[str, list[RecImageView]] | None = None
 
-    # lazily loaded data ----------------------------------------------------------------------------------
-    def regions(self) -> RegionRecognitionData | None:
+    # lazily loaded data: region samples, read once, and the task views over them -------------------------
+    def regions(self) -> RegionRecognitionView | None:
         if self._regions is None and self.data.instances is not None:
             self._regions = load_coco_regions(
-                self.data.instances, self.data.image_dir, max_images=self.max_images
+                self.data.instances,
+                self.data.image_dir,
+                max_images=self.max_images,
+                skipped=self.dropped["instances"],
             )
         return self._regions
 
-    def samples(self) -> list:
+    def samples(self) -> list[RegionSample]:
         if self._samples is None:
-            self._samples = read_shard_samples(self.data.shards, self.max_images) if self.data.shards else []
+            self._samples = (
+                read_shard_samples(self.data.shards, self.max_images, self.dropped["shards"])
+                if self.data.shards
+                else []
+            )
         return self._samples
 
-    def rec_data(self) -> dict[str, list[RecImage]]:
+    def rec_data(self) -> dict[str, list[RecImageView]]:
         if self._rec is None:
             self._rec = {}
             for source in self.data.rec:
@@ -201,22 +216,20 @@ class _Run:
                         source.image_dir,
                         splits=source.splits,
                         max_images=self.max_images,
+                        skipped=self.dropped["refs"],
                     )
                 )
         return self._rec
 
-    def region_texts(self) -> list[RegionTextImage]:
-        items = region_texts_from_samples(self.samples())
+    def region_texts(self) -> list[RegionSample]:
+        items = [s for s in self.samples() if s.regions]
         if not items and self.split in self.rec_data():  # refer-only data: the expressions are the phrases
-            items = [
-                RegionTextImage(
-                    img.image,
-                    torch.tensor([e.box for e in img.expressions], dtype=torch.float32).reshape(-1, 4),
-                    [e.sentence for e in img.expressions],
-                )
-                for img in self.rec_data()[self.split]
-            ]
+            items = [img.as_sample() for img in self.rec_data()[self.split]]
         return items
+
+    def data_skips(self) -> dict[str, dict[str, int]]:
+        """``{source: {reason: count}}`` of the records the readers dropped (sources with drops only)."""
+        return {name: dict(sorted(c.counts.items())) for name, c in self.dropped.items() if c.total}
 
     # tasks ---------------------------------------------------------------------------------------------
     def timed(self, name: str, fn, *args):
@@ -260,7 +273,7 @@ class _Run:
         }
 
     def _task_image_retrieval(self, methods):
-        items = captions_from_samples(self.samples())
+        items = [s for s in self.samples() if sample_captions(s)]
         if not items:
             self.skipped["image_retrieval"] = "no shards with captions"
             return
@@ -276,7 +289,7 @@ class _Run:
 
     def _task_zeroshot(self, methods):
         data = self.regions()
-        single = [img for img in data.images if len(img.labels) == 1] if data is not None else []
+        single = [i for i, labels in enumerate(data.labels) if len(labels) == 1] if data is not None else []
         if not single:
             self.skipped["zeroshot"] = "no single-object images in the instances file"
             return
@@ -285,8 +298,8 @@ class _Run:
             zero_shot_classification,
             self.model,
             self.processor,
-            [img.image for img in single],
-            [int(img.labels[0]) for img in single],
+            [data.images[i] for i in single],
+            [int(data.labels[i][0]) for i in single],
             data.class_names,
             self.templates,
             self.options,
@@ -383,6 +396,7 @@ def evaluate(
         "max_images": max_images,
         "model": model_name,
         "skipped": run.skipped,
+        "data_skips": run.data_skips(),
         "seconds": run.seconds,
     }
     return jsonable(out)

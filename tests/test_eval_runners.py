@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import cloc_hf
+from cloc_data.shards import SkipCounter
+from cloc_data.synthetic import SyntheticSceneConfig, write_synthetic_dataset
 from cloc_hf.processing_cloc import CLOCProcessor
 from eval.baselines import (
     EncodeOptions,
@@ -29,16 +31,13 @@ from eval.rec import load_refs, rec_by_box_head, rec_by_ranking
 from eval.region import load_coco_regions, region_recognition
 from eval.report import render_markdown
 from eval.retrieval import (
-    captions_from_samples,
     deduplicate_texts,
     image_text_retrieval,
     read_shard_samples,
     region_text_retrieval,
-    region_texts_from_samples,
     zero_shot_classification,
 )
 from eval.runner import METHODS, ROW_KEYS, evaluate
-from cloc_data.synthetic import SyntheticSceneConfig, write_synthetic_dataset
 
 ONE_CHUNK = EncodeOptions(batch_size=64)  # every image in one call, so patched features can index images
 RED, BLUE = (220, 30, 30), (40, 70, 230)
@@ -175,30 +174,30 @@ def test_region_recognition_is_perfect_when_regions_equal_class_texts(
 ):
     data = load_coco_regions(synthetic / "instances_test.json", synthetic / "test" / "images")
     assert set(data.attributes) == {"shape", "colour"}
-    assert any(img.sizes for img in data.images)
+    assert any(data.sizes)
     names = encode_texts(model, processor, data.class_names)
-    _patch_regions(monkeypatch, model, [names[img.labels] for img in data.images])
+    _patch_regions(monkeypatch, model, [names[labels] for labels in data.labels])
     result = region_recognition(model, processor, data, "cloc", ONE_CHUNK)
     assert result["macc"] == pytest.approx(100.0) and result["acc"] == pytest.approx(100.0)
     assert result["attributes"] == {"shape": pytest.approx(100.0), "colour": pytest.approx(100.0)}
     assert sum(v["count"] for v in result["by_size"].values()) == result["num_regions"] == data.num_regions
 
     # the same class texts shifted by one class: every prediction wrong
-    _patch_regions(monkeypatch, model, [names[(img.labels + 1) % len(names)] for img in data.images])
+    _patch_regions(monkeypatch, model, [names[(labels + 1) % len(names)] for labels in data.labels])
     assert region_recognition(model, processor, data, "cloc", ONE_CHUNK)["macc"] == 0.0
 
 
 def test_region_text_retrieval_counts_duplicate_phrases_as_positives(
     model, processor, synthetic, monkeypatch
 ):
-    items = region_texts_from_samples(read_shard_samples(synthetic / "test"))
-    texts, ids = deduplicate_texts([[p] for it in items for p in it.phrases])
-    assert len(texts) < sum(len(it.phrases) for it in items), "the fixture should repeat a phrase"
+    items = [s for s in read_shard_samples(synthetic / "test") if s.regions]
+    texts, ids = deduplicate_texts([[r.phrase] for s in items for r in s.regions])
+    assert len(texts) < sum(len(s.regions) for s in items), "the fixture should repeat a phrase"
     embeds = encode_texts(model, processor, texts)
     per_image, row = [], 0
-    for it in items:
-        per_image.append(embeds[[i for (i,) in ids[row : row + len(it.phrases)]]])
-        row += len(it.phrases)
+    for s in items:
+        per_image.append(embeds[[i for (i,) in ids[row : row + len(s.regions)]]])
+        row += len(s.regions)
     _patch_regions(monkeypatch, model, per_image)
     result = region_text_retrieval(model, processor, items, "cloc", options=ONE_CHUNK)
     assert result["r2t_r1"] == pytest.approx(100.0) and result["t2r_r1"] == pytest.approx(100.0)
@@ -211,8 +210,8 @@ def test_deduplicate_texts_ignores_case_and_spacing():
 
 
 def test_image_text_retrieval_known_answer(model, processor, synthetic, monkeypatch):
-    items = captions_from_samples(read_shard_samples(synthetic / "test"))
-    texts, ids = deduplicate_texts([it.captions for it in items])
+    items = [s for s in read_shard_samples(synthetic / "test") if s.caption.strip()]
+    texts, ids = deduplicate_texts([[s.caption] for s in items])
     caption_embeds = encode_texts(model, processor, texts)
     pixels = processor(images=[it.image for it in items])["pixel_values"]
 
@@ -287,10 +286,10 @@ def test_rec_box_head_maps_boxes_back_to_original_pixels(model, processor, refer
     data = load_refs(refer_files / "refs(test).json", refer_files / "instances.json", refer_files / "images")
     assert list(data) == ["val"]  # train refs are not evaluated by default
     (image,) = data["val"]
-    assert [e.sentence for e in image.expressions] == ["the red box", "the green box"]
+    assert image.sentences == ["the red box", "the green box"]
     frame = processor.image_processor.frame_transform(40, 20)
-    truth = frame.to_model(torch.tensor([e.box for e in image.expressions]))
-    assert not torch.allclose(truth, torch.tensor([e.box for e in image.expressions]) / 40)  # padding moved y
+    truth = frame.to_model(image.targets.float())
+    assert not torch.allclose(truth, image.targets.float() / 40)  # padding moved y
 
     monkeypatch.setattr(model, "ground", lambda **kwargs: truth.clone())
     result = rec_by_box_head(model, processor, data["val"])
@@ -312,6 +311,152 @@ def test_rec_ranking_picks_the_candidate_matching_the_expression(model, processo
     assert result["acc@0.5"] == pytest.approx(100.0) and result["chance_acc@0.5"] == pytest.approx(50.0)
     _patch_regions(monkeypatch, model, [texts.flip(0)])
     assert rec_by_ranking(model, processor, data["val"], "cloc")["acc@0.5"] == 0.0
+
+
+# --- evaluation reads the converters' samples: hand-built data, hand-computed answers ---------------------
+def _write_images(folder, sizes):
+    folder.mkdir(exist_ok=True)
+    for name, (width, height) in sizes.items():
+        _two_boxes_image(width, height).save(folder / name)
+
+
+@pytest.fixture
+def messy_coco(tmp_path):
+    """Two classes (listed out of id order) and one annotation for each skip rule of the COCO converter."""
+    _write_images(tmp_path / "images", {"a.png": (40, 20), "b.png": (30, 30), "c.png": (10, 10)})
+
+    def ann(i, image, cat, bbox, **extra):
+        return {"id": i, "image_id": image, "category_id": cat, "bbox": bbox, **extra}
+
+    instances = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": 40, "height": 20},
+            {"id": 2, "file_name": "b.png", "width": 30, "height": 30},
+            {"id": 3, "file_name": "c.png", "width": 10, "height": 10},
+        ],
+        "annotations": [
+            ann(11, 1, 2, [10, 4, 10, 8], size="small"),
+            ann(12, 1, 1, [26, 6, 10, 10]),
+            ann(13, 1, 1, [5, 5, 0, 3]),  # no width: region_invalid_box
+            ann(14, 1, 9, [5, 5, 3, 3]),  # unknown class: region_bad_entry
+            ann(15, 1, 1, [5, 5, 3, 3], iscrowd=1),  # region_crowd
+            ann(16, 1, 1, [0, 0, 80, 20]),  # twice the image width: region_outside_image
+            ann(17, 1, 1, [-1, 0, 10, 10]),  # 1 px outside (within the tolerance): clipped to x1 = 0
+            ann(21, 2, 2, [1, 2, 3, 4]),
+            ann(31, 3, 1, [1, 1, 2, 2], iscrowd=1),  # region_crowd, then image 3 has none: no_regions
+            ann(41, 99, 1, [1, 1, 2, 2]),  # region_unknown_image
+        ],
+        "categories": [
+            {"id": 2, "name": "red box", "shape": "box", "colour": "red"},
+            {"id": 1, "name": "green box", "shape": "box", "colour": "green"},
+        ],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(instances))
+    return path
+
+
+def test_region_data_are_the_coco_converters_samples_with_its_skip_rules(messy_coco):
+    skipped = SkipCounter()
+    data = load_coco_regions(messy_coco, messy_coco.parent / "images", skipped=skipped)
+    assert data.class_names == ["green box", "red box"] and data.category_ids == [1, 2]  # sorted by id
+    assert data.attributes == {"colour": {0: "green", 1: "red"}, "shape": {0: "box", 1: "box"}}
+    assert [s.meta["image_id"] for s in data.samples] == [1, 2]
+    assert data.images == [str(messy_coco.parent / "images" / n) for n in ("a.png", "b.png")]
+    expected = torch.tensor([[10.0, 4, 20, 12], [26, 6, 36, 16], [0, 0, 9, 10]])
+    torch.testing.assert_close(data.boxes[0], expected)
+    torch.testing.assert_close(data.boxes[1], torch.tensor([[1.0, 2, 4, 6]]))
+    assert [t.tolist() for t in data.labels] == [[1, 0, 0], [1]]
+    assert data.sizes == [["small", None, None], None] and data.num_regions == 4
+    assert dict(skipped.counts) == {
+        "region_invalid_box": 1,
+        "region_bad_entry": 1,
+        "region_crowd": 2,
+        "region_outside_image": 1,
+        "no_regions": 1,
+        "region_unknown_image": 1,
+    }
+    first = load_coco_regions(messy_coco, messy_coco.parent / "images", max_images=1)
+    assert len(first.samples) == 1 and first.num_regions == 3
+
+
+def test_region_recognition_numbers_by_hand(model, processor, messy_coco, monkeypatch):
+    data = load_coco_regions(messy_coco, messy_coco.parent / "images")
+    green, red = encode_texts(model, processor, data.class_names)
+    # true classes [red, green, green] and [red]; the second box is predicted red
+    _patch_regions(monkeypatch, model, [torch.stack([red, red, green]), red[None]])
+    result = region_recognition(model, processor, data, "cloc", ONE_CHUNK)
+    # green: 1 of 2 right, red: 2 of 2 -> mAcc (50 + 100) / 2; overall 3 of 4
+    assert result["macc"] == pytest.approx(75.0) and result["acc"] == pytest.approx(75.0)
+    assert result["attributes"] == {"colour": pytest.approx(75.0), "shape": pytest.approx(100.0)}
+    assert result["by_size"] == {"small": {"macc": 100.0, "acc": 100.0, "count": 1}}
+    assert (result["num_images"], result["num_regions"], result["num_classes"]) == (2, 4, 2)
+
+
+@pytest.fixture
+def messy_refs(tmp_path):
+    """Refs of two images with a crowd referent, a missing annotation, a blank sentence and several splits."""
+    _write_images(tmp_path / "images", {"a.png": (40, 20), "b.png": (30, 30)})
+    instances = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": 40, "height": 20},
+            {"id": 2, "file_name": "b.png", "width": 30, "height": 30},
+        ],
+        "annotations": [
+            {"id": 11, "image_id": 1, "category_id": 1, "bbox": [10, 4, 10, 8]},
+            {"id": 12, "image_id": 1, "category_id": 1, "bbox": [26, 6, 10, 10]},
+            {"id": 13, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 1},
+            {"id": 21, "image_id": 2, "category_id": 1, "bbox": [1, 1, 10, 10]},
+        ],
+        "categories": [{"id": 1, "name": "box"}],
+    }
+
+    def ref(i, ann, image, split, *sentences):
+        return {"ref_id": i, "ann_id": ann, "image_id": image, "split": split, "sentences": list(sentences)}
+
+    refs = [
+        ref(1, 11, 1, "val", {"sent": "the  red box", "sent_id": 1}, {"sent": " ", "sent_id": 2}),
+        ref(2, 13, 1, "val", {"sent": "", "raw": "the corner", "sent_id": 3}),  # a crowd box; raw text
+        ref(3, 99, 1, "val", {"sent": "no such annotation"}),
+        ref(4, 21, 2, "testA", {"sent": "the blue one"}),
+        ref(5, 12, 1, "train", {"sent": "not evaluated"}),
+        ref(6, 21, 2, "val", {"sent": "the second image"}),
+    ]
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    (tmp_path / "refs(test).json").write_text(json.dumps(refs))
+    return tmp_path
+
+
+def test_rec_data_are_the_refcoco_converters_samples_with_candidates(messy_refs):
+    skipped = SkipCounter()
+    args = (messy_refs / "refs(test).json", messy_refs / "instances.json", messy_refs / "images")
+    data = load_refs(*args, skipped=skipped)
+    assert list(data) == ["val", "testA"]  # first-seen order, train left out
+    assert [v.image_id for v in data["val"]] == [1, 2] and [v.image_id for v in data["testA"]] == [2]
+    first = data["val"][0]
+    assert first.image == str(messy_refs / "images" / "a.png")
+    assert first.sentences == ["the red box", "the corner"]  # whitespace collapsed, blank dropped, raw used
+    assert first.targets.tolist() == [[10, 4, 20, 12], [0, 0, 5, 5]] and first.targets.dtype == torch.float64
+    # every usable box of the image, then the crowd box that a ref points to
+    assert first.candidates.tolist() == [[10, 4, 20, 12], [26, 6, 36, 16], [0, 0, 5, 5]]
+    assert skipped.counts["bad_record"] == 1 and skipped.counts["region_empty_phrase"] == 1
+    assert skipped.counts["region_crowd"] == 1
+    assert [len(v) for v in load_refs(*args, max_images=1).values()] == [1, 1]
+    assert list(load_refs(*args, splits=("train",))) == ["train"]
+
+
+def test_rec_ranking_numbers_by_hand(model, processor, messy_refs, monkeypatch):
+    args = (messy_refs / "refs(test).json", messy_refs / "instances.json", messy_refs / "images")
+    (image,) = load_refs(*args, splits=("val",), max_images=1)["val"]
+    red, corner, other = encode_texts(model, processor, ["the red box", "the corner", "something else"])
+    _patch_regions(monkeypatch, model, [torch.stack([red, other, corner])])
+    result = rec_by_ranking(model, processor, [image], "cloc", ONE_CHUNK)
+    # each expression's box is one of the 3 candidates and overlaps no other: chance 1/3
+    assert result["acc@0.5"] == pytest.approx(100.0) and result["chance_acc@0.5"] == pytest.approx(100 / 3)
+    assert (result["num_expressions"], result["num_images"]) == (2, 1)
+    _patch_regions(monkeypatch, model, [torch.stack([other, red, corner])])  # "the red box" -> 2nd box
+    result = rec_by_ranking(model, processor, [image], "cloc", ONE_CHUNK)
+    assert result["acc@0.5"] == pytest.approx(50.0) and result["acc@0.1"] == pytest.approx(50.0)
 
 
 # --- the runner and the CLI -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""COCO / LVIS ``instances_*.json`` -> region samples for region recognition (DESIGN.md section 6).
+"""COCO / LVIS ``instances_*.json`` -> region samples for region recognition.
 
 Input (COCO detection format, shared by LVIS v1):
 
@@ -13,14 +13,19 @@ name (the protocol uses no prompt template); LVIS names ``traffic_light`` become
 Region ``meta``: ``category_id``, ``ann_id`` (+ LVIS ``synonyms`` with the same underscore rule and
 ``frequency``). Crowd annotations (``iscrowd=1``) are skipped as ``region_crowd``; degenerate boxes
 (zero width/height) as ``region_invalid_box``; images with no remaining box as ``no_regions``.
-Caption ``""``; ``source`` ``"human"``.
+Caption ``""``; ``source`` ``"human"``. Boxes slightly outside the image are clipped and far-outside
+ones dropped, as every converter does (:func:`cloc_data.converters.common.clean_sample`).
+
+Evaluation reads COCO/LVIS through :func:`iter_coco_instances` too (region recognition, REC
+candidates), so what is trained on and what is scored follow one set of rules; the protocols are
+described in ``docs/design.md`` (section 7).
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from cloc_data.converters.common import clean_sample, load_json, make_key, xywh_to_xyxy
@@ -41,6 +46,33 @@ def _image_path(image: dict[str, Any]) -> str | None:
     return "/".join(parts[-2:]) if len(parts) >= 2 else None
 
 
+def read_instances(instances: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """The instances dict of a COCO/LVIS file (or the dict itself), checked to hold images and annotations."""
+    data = instances if isinstance(instances, dict) else load_json(instances)
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        where = "the instances dict" if isinstance(instances, dict) else os.fspath(instances)
+        raise ValueError(f"{where}: not a COCO/LVIS instances file (needs images, annotations)")
+    return data
+
+
+def is_lvis(data: dict[str, Any]) -> bool:
+    """Whether an instances dict follows LVIS naming (its categories carry ``synonyms``)."""
+    return any("synonyms" in c for c in data.get("categories", []))
+
+
+def sorted_categories(data: dict[str, Any], lvis: bool | None = None) -> list[dict[str, Any]]:
+    """The categories sorted by id (the class order of region recognition), as copies whose ``name``
+    is the plain class name (LVIS ``traffic_light`` -> ``traffic light``); other fields are kept.
+
+    ``lvis``: LVIS naming rules; detected with :func:`is_lvis` when ``None``.
+    """
+    lvis = is_lvis(data) if lvis is None else lvis
+    out = []
+    for cat in sorted(data.get("categories", []), key=lambda c: c["id"]):
+        out.append({**cat, "name": lvis_name(cat["name"]) if lvis else str(cat["name"])})
+    return out
+
+
 def _categories(data: dict[str, Any], lvis: bool) -> dict[Any, dict[str, Any]]:
     out = {}
     for cat in data.get("categories", []):
@@ -54,18 +86,26 @@ def _categories(data: dict[str, Any], lvis: bool) -> dict[Any, dict[str, Any]]:
 
 
 def iter_coco_instances(
-    path: str | os.PathLike, skipped: SkipCounter, lvis: bool | None = None
+    instances: str | os.PathLike | dict[str, Any],
+    skipped: SkipCounter,
+    lvis: bool | None = None,
+    region_fields: Sequence[str] = (),
 ) -> Iterator[RegionSample]:
-    """Stream one sample per image of a COCO or LVIS instances file.
+    """Stream one sample per image of a COCO or LVIS instances file (see the module docstring).
+
+    This is the project's one COCO/LVIS reader: converters write its samples to shards and
+    evaluation (:mod:`eval.region`, :mod:`eval.rec`) reads them directly, with the same skip rules.
 
     Args:
+        instances: the ``instances_*.json`` path, or its already loaded dict.
+        skipped: where dropped annotations and images are counted.
         lvis: LVIS naming rules; detected from the file (categories with ``synonyms``) when ``None``.
+        region_fields: annotation fields copied into each region's ``meta`` when present (default
+            none; evaluation asks for ``("size",)``, the synthetic scenes' size class).
     """
-    data = load_json(path)
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{os.fspath(path)}: not a COCO/LVIS instances file (needs images, annotations)")
+    data = read_instances(instances)
     if lvis is None:
-        lvis = any("synonyms" in c for c in data.get("categories", []))
+        lvis = is_lvis(data)
     dataset = "lvis" if lvis else "coco"
     categories = _categories(data, lvis)
     anns_by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
@@ -97,6 +137,7 @@ def iter_coco_instances(
                 continue
             meta = {"category_id": ann["category_id"], "ann_id": ann.get("id")}
             meta.update({k: v for k, v in category.items() if k != "name"})
+            meta.update({k: ann[k] for k in region_fields if k in ann})
             regions.append(Region((0.0, 0.0, 0.0, 0.0), category["name"], source="human", meta=meta))
             boxes.append(bbox)
         try:

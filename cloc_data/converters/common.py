@@ -28,6 +28,7 @@ import torch
 
 from cloc_hf.box_ops import box_convert, validate_boxes
 from cloc_data.format import MalformedSample, Region, RegionSample
+from cloc_data.json_io import load_json  # noqa: F401  (re-exported: converters read JSON through it)
 from cloc_data.shards import SkipCounter
 
 SIZE_UNKNOWN = "size_unknown"
@@ -43,15 +44,6 @@ def make_key(*parts: Any) -> str:
 
 
 # --- reading --------------------------------------------------------------------------------------
-
-
-def load_json(path: str | os.PathLike) -> Any:
-    """``json.load`` with an error that names the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{os.fspath(path)} is not valid JSON: {err}") from err
 
 
 # Inside a folder only these are rows: a stray ``*.json`` (img2dataset's ``*_stats.json``, a
