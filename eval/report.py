@@ -1,7 +1,8 @@
 """Markdown report of :func:`eval.runner.evaluate` results (or any list of rows of :mod:`eval.results`).
 
     from eval.report import render_markdown
-    text = render_markdown(json.load(open("results.json")), title="CLOC vs CLIP, synthetic test split")
+    from eval.results import load_results
+    text = render_markdown(load_results("results.json"), title="CLOC vs CLIP, synthetic test split")
 
 The summary table has one row per (model, method) and one column per row key that at least one row
 fills (:func:`eval.results.summary_columns`, rendered by :func:`eval.results.markdown_table`: ``None``

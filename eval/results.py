@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cloc_data.json_io import write_json_atomic
+
 # --- region methods ------------------------------------------------------------------------------------
 
 
@@ -47,15 +49,14 @@ class Method:
     """A region method: how a box becomes an embedding (``eval.baselines`` implements each)."""
 
     name: str  # the id in rows, ``--methods`` and ``eval.baselines.REGION_METHODS``
-    label: str  # short display name
-    description: str  # one line: what the method encodes
+    description: str  # one line for readers of a report or card: what the method encodes
 
 
 METHOD_SPECS: tuple[Method, ...] = (
-    Method("cloc", "CLOC Prompter", "region embeddings from this model's Prompter (box prompts)"),
-    Method("clip-crop", "CLIP crop-and-encode", "each box cropped and encoded as an image (crop-and-encode)"),
-    Method("clip-maskbg", "CLIP masked background", "the whole image with everything outside the box greyed out"),
-    Method("clip-roi", "CLIP RoI-Align", "patch tokens RoI-pooled inside the box"),
+    Method("cloc", "region embeddings from this model's Prompter (box prompts)"),
+    Method("clip-crop", "each box cropped and encoded as an image (crop-and-encode)"),
+    Method("clip-maskbg", "the whole image with everything outside the box greyed out"),
+    Method("clip-roi", "patch tokens RoI-pooled inside the box"),
 )
 METHODS: tuple[str, ...] = tuple(m.name for m in METHOD_SPECS)
 CLIP_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m.startswith("clip-"))  # baselines on any encoder
@@ -239,8 +240,7 @@ def jsonable(value: Any) -> Any:
 
 def save_results(results: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write results (``{"rows": [...], ...}``) as strict JSON (NaN written as ``null``)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(jsonable(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    write_json_atomic(path, jsonable(results), indent=1, allow_nan=False)
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
