@@ -39,17 +39,28 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cloc_data.loader import (
+    EpochBatchSampler,
+    RegionTextCollator,
+    RegionTextDataset,
+    StreamingRegionTextDataset,
+)
 from cloc_hf import CLOCModel, CLOCProcessor
 from cloc_hf.configuration_cloc import LOSS_SETTINGS
 
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    list_checkpoints,
+    optimizer_from_files,
+    optimizer_to_files,
+    rng_state,
+    set_rng_state,
+    write_json,
+)
 from .config import PretrainConfig
-from cloc_data.loader import EpochBatchSampler, RegionTextCollator, RegionTextDataset, StreamingRegionTextDataset
 from .distributed import make_communicator
 
 logger = logging.getLogger("cloc.pretrain")
-
-CHECKPOINT_PREFIX = "checkpoint-"
-
 
 # --------------------------------------------------------------------------------------------------
 # building blocks
@@ -182,67 +193,6 @@ def _skip_deepspeed_shm_build() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# checkpoints: safetensors + JSON only (no pickle), written atomically
-# --------------------------------------------------------------------------------------------------
-
-
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, pstate in state["state"].items():
-        for key, value in pstate.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    py = random.getstate()
-    np_state = np.random.get_state()
-    meta = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-    return tensors, meta
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a directory appears only once it is fully written)."""
-    root = Path(output_dir) / "checkpoints"
-    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-# --------------------------------------------------------------------------------------------------
 # the trainer
 # --------------------------------------------------------------------------------------------------
 
@@ -324,16 +274,16 @@ class Trainer:
         elif acc.is_main_process:
             state = {k: v.detach().cpu().contiguous() for k, v in self.unwrapped.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"))
-            opt_tensors, opt_meta = _optimizer_to_files(self.optimizer.optimizer if hasattr(
+            opt_tensors, opt_meta = optimizer_to_files(self.optimizer.optimizer if hasattr(
                 self.optimizer, "optimizer") else self.optimizer)
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            _write_json(tmp / "optimizer.json", opt_meta)
-            _write_json(tmp / "scheduler.json", self.scheduler.state_dict())
-        rng_tensors, rng_meta = _rng_state()
+            write_json(tmp / "optimizer.json", opt_meta)
+            write_json(tmp / "scheduler.json", self.scheduler.state_dict())
+        rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / f"rng_{acc.process_index}.safetensors"))
-        _write_json(tmp / f"rng_{acc.process_index}.json", rng_meta)
+        write_json(tmp / f"rng_{acc.process_index}.json", rng_meta)
         if acc.is_main_process:
-            _write_json(
+            write_json(
                 tmp / "trainer_state.json",
                 {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                  "elapsed": self.elapsed, "config": self.config.to_dict()},
@@ -355,13 +305,13 @@ class Trainer:
             self.unwrapped.load_state_dict(load_file(str(path / "model.safetensors")))
             inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
             inner.load_state_dict(
-                _optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
+                optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
                                       json.loads((path / "optimizer.json").read_text()))
             )
             self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         rng_file = path / f"rng_{acc.process_index}.safetensors"
         if rng_file.exists():
-            _set_rng_state(load_file(str(rng_file)), json.loads((path / f"rng_{acc.process_index}.json").read_text()))
+            set_rng_state(load_file(str(rng_file)), json.loads((path / f"rng_{acc.process_index}.json").read_text()))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.elapsed = state.get("elapsed", 0.0)
         logger.info("resumed from %s at step %d", path, self.step)
@@ -475,7 +425,7 @@ class Trainer:
         if acc.is_main_process:
             self.unwrapped.save_pretrained(self.output_dir, state_dict=state, safe_serialization=True)
             self.processor.save_pretrained(self.output_dir)
-            _write_json(self.output_dir / "pretrain_config.json", self.config.to_dict())
+            write_json(self.output_dir / "pretrain_config.json", self.config.to_dict())
         acc.wait_for_everyone()
 
 
