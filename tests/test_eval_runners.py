@@ -516,3 +516,47 @@ def test_markdown_from_rows_prints_missing_values_as_dashes():
     assert "| method | region mAcc | shape acc |" in text
     assert "| cloc | 92.9 | - |" in text
     assert "| clip-crop | - | 20.0 |" in text
+
+
+# --- the results-row schema (eval.results) ------------------------------------------------------------
+def test_schema_methods_are_the_baselines_methods():
+    from eval.baselines import REGION_METHODS
+    from eval.results import CLIP_METHODS, METHOD_SPECS, method_spec
+
+    assert tuple(REGION_METHODS) == METHODS and set(CLIP_METHODS) == set(METHODS) - {"cloc"}
+    assert all(m.description for m in METHOD_SPECS)
+    with pytest.raises(ValueError, match="'clip'.*clip-crop"):
+        method_spec("clip")
+
+
+def test_schema_columns_titles_and_model_index_ids():
+    from eval.results import field_for, metric_keys, summary_columns
+
+    rows = [
+        {"name": "cloc", "model": "m", "paper_sign": "lower", "region_shape_acc": 1.0, "region_macc": 2.0},
+        {"name": "clip-roi", "model": "m", "zeroshot_top1": None, "region_colour_acc": 3.0},
+    ]
+    # schema order, attributes after region_acc (here absent), outside keys last, empty columns dropped
+    assert summary_columns(rows) == ["name", "model", "region_macc", "region_shape_acc", "region_colour_acc",
+                                     "paper_sign"]
+    assert metric_keys(rows) == ["region_macc", "region_shape_acc", "region_colour_acc"]
+    import eval.results
+
+    for key in ROW_KEYS:
+        spec = field_for(key)
+        assert spec.title and spec.meaning and (spec.is_metric == (key not in ("name", "model")))
+        assert f"``{key}``" in eval.results.__doc__, f"{key} is missing from the schema's table"
+    shape = field_for("region_shape_acc")
+    assert (shape.title, shape.metric_config, shape.task.type) == ("shape acc", "shape", "image-classification")
+    assert field_for("paper_sign") is None and field_for("region__acc") is None
+
+
+def test_results_file_round_trip_is_strict_json(tmp_path):
+    from eval.results import load_results, save_results
+
+    path = tmp_path / "sub" / "results.json"
+    save_results({"rows": [{"name": "cloc", "region_macc": math.nan, "pair": (1, 2)}]}, path)
+    assert load_results(path) == {"rows": [{"name": "cloc", "region_macc": None, "pair": [1, 2]}]}
+    (tmp_path / "bad.json").write_text('{"region": {}}')
+    with pytest.raises(ValueError, match="bad.json.*rows"):
+        load_results(tmp_path / "bad.json")
