@@ -1,0 +1,1 @@
+"""MLLM side of training: instruction data for referring and grounding (``cloc-mllm-data``)."""
