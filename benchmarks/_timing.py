@@ -208,10 +208,6 @@ __all__ = [
 
 def write_json(path, results: dict) -> str:
     """Write a benchmark's results as indented JSON (creating the folder); returns the path written."""
-    import json
-    from pathlib import Path
+    from cloc_data.json_io import write_json_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return str(path)
+    return str(write_json_atomic(path, results, indent=2, default=str))

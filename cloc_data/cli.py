@@ -71,6 +71,7 @@ from cloc_data.converters import (
     resolve_size,
 )
 from cloc_data.format import MalformedSample, RegionSample
+from cloc_data.json_io import write_json_atomic
 from cloc_data.shards import (
     ShardWriter,
     SkipCounter,
@@ -208,7 +209,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": skipped.as_dict(),
         "skipped_total": skipped.total,
     }
-    (Path(args.out) / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(Path(args.out) / REPORT_NAME, report, indent=2)
     print(
         f"wrote {written} samples ({with_image} with images, {regions} regions) in {len(writer.shard_paths)} shards"
     )

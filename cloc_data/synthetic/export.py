@@ -18,13 +18,13 @@ Ids are fixed by (split, index), not by the split sizes, so growing a split keep
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from cloc_data.format import RegionSample
+from cloc_data.json_io import write_json_atomic
 from cloc_data.shards import ShardWriter
 from cloc_data.synthetic.config import SPLITS, SyntheticSceneConfig, class_attributes
 from cloc_data.synthetic.scenes import generate_split
@@ -164,10 +164,8 @@ def _owned_files(out: Path) -> list[Path]:
 
 
 def _write_json(path: Path, data: Any, indent: int | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    text = json.dumps(data, indent=indent, ensure_ascii=False, separators=None if indent else (",", ":"))
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Atomic UTF-8 JSON: compact unless ``indent`` (the large instances and refs files stay small)."""
+    write_json_atomic(path, data, indent=indent, ensure_ascii=False, separators=None if indent else (",", ":"))
 
 
 def _png_bytes(image) -> bytes:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cloc_data.format import MalformedSample, Region, RegionSample
+from cloc_data.json_io import write_json_atomic
 from cloc_data.shards import ShardWriter, SkipCounter
 from training.vesl.captioner import Captioner, HFCaptioner, KeepCaption
 from training.vesl.grounder import DEFAULT_THRESHOLD, Grounder, Owlv2Grounder
@@ -228,12 +229,8 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Manifests and markers: sorted keys, synced to disk before the rename (a marker means "done")."""
+    write_json_atomic(path, payload, indent=1, sort_keys=True)
 
 
 def chunk_name(prefix: str, index: int) -> str:
