@@ -57,6 +57,7 @@ class Region:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The region's JSON record (``meta`` only when not empty, to keep shards small)."""
         out = {"box": [float(v) for v in self.box], "phrase": self.phrase, "score": self.score, "source": self.source}
         if self.meta:
             out["meta"] = self.meta
@@ -86,6 +87,7 @@ class RegionSample:
     image: Any = None
 
     def to_json(self) -> dict[str, Any]:
+        """The sample's JSON record as written to ``KEY.json`` (the image is written beside it)."""
         return {
             "key": self.key,
             "caption": self.caption,
@@ -173,4 +175,5 @@ class RegionSample:
         return torch.tensor([list(r.box) for r in self.regions], dtype=dtype).reshape(-1, 4)
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field as plain dicts and lists (``dataclasses.asdict``), image included."""
         return asdict(self)

@@ -83,11 +83,13 @@ def evaluation_mode(model):
 
 
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    """Consecutive slices of ``items`` of ``size`` (the last may be shorter): one forward pass each."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the model's first parameter, where its inputs must be placed."""
     param = next(model.parameters())
     return param.device, param.dtype
 
@@ -247,6 +249,7 @@ REGION_METHODS: dict[str, RegionEncoder] = {
 
 
 def check_method(method: str) -> str:
+    """``method`` when it is one of :data:`REGION_METHODS`; otherwise ``ValueError`` listing them."""
     if method not in REGION_METHODS:
         raise ValueError(f"unknown region method {method!r}; expected one of {sorted(REGION_METHODS)}")
     return method

@@ -50,6 +50,7 @@ def _csv(allowed):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``cloc-eval`` argument parser (defaults: every task and method, CPU, batch 32, split ``test``)."""
     p = argparse.ArgumentParser(prog="cloc-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint folder (save_pretrained) or hub id")
     p.add_argument(
@@ -111,6 +112,7 @@ def load_model_and_processor(model_dir: str, device: str = "cpu"):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``cloc-eval`` with ``argv`` (default: ``sys.argv[1:]``); writes the results, returns 0."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.data is None and not (args.instances or args.shards or args.refs):

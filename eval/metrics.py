@@ -4,7 +4,7 @@ Every accuracy and recall is returned in **percent** (0..100), as papers report 
 prints fractions, so divide by 100 to compare with its logs. An empty input raises ``ValueError``
 rather than returning a number that could be mistaken for a score.
 
-Protocols (DESIGN.md section 6):
+Protocols (described in ``docs/design.md``, section 7):
 
 * region recognition: :func:`mean_per_class_accuracy` (mAcc) over ground-truth boxes,
   :func:`per_group_accuracy` for attribute-level credit;

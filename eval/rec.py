@@ -72,6 +72,7 @@ class RecImageView:
 
     @property
     def image_id(self) -> Any:
+        """The COCO image id the refs point to."""
         return self.refs[0].meta.get("image_id")
 
     @property

@@ -94,6 +94,7 @@ class RegionRecognitionView:
 
     @property
     def num_regions(self) -> int:
+        """Ground-truth boxes over all images."""
         return sum(len(labels) for labels in self.labels)
 
 

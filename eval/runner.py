@@ -187,6 +187,7 @@ class _Run:
 
     # lazily loaded data: region samples, read once, and the task views over them -------------------------
     def regions(self) -> RegionRecognitionView | None:
+        """Region recognition's view of the instances file (``None`` without one); also zero-shot's."""
         if self._regions is None and self.data.instances is not None:
             self._regions = load_coco_regions(
                 self.data.instances,
@@ -197,6 +198,7 @@ class _Run:
         return self._regions
 
     def samples(self) -> list[RegionSample]:
+        """The shards' samples (images as encoded bytes), shared by both retrieval tasks."""
         if self._samples is None:
             self._samples = (
                 read_shard_samples(self.data.shards, self.max_images, self.dropped["shards"])
@@ -206,6 +208,7 @@ class _Run:
         return self._samples
 
     def rec_data(self) -> dict[str, list[RecImageView]]:
+        """REC's per-image views of every refs source, by split."""
         if self._rec is None:
             self._rec = {}
             for source in self.data.rec:
@@ -222,6 +225,7 @@ class _Run:
         return self._rec
 
     def region_texts(self) -> list[RegionSample]:
+        """Samples with regions for region-text retrieval; refer-only data gives its expressions."""
         items = [s for s in self.samples() if s.regions]
         if not items and self.split in self.rec_data():  # refer-only data: the expressions are the phrases
             items = [img.as_sample() for img in self.rec_data()[self.split]]
