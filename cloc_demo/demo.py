@@ -9,6 +9,11 @@ the same code, data and number of steps (and a second CLIP run with CLOC's wall-
 CLOC's Prompter and the three CLIP region baselines (crop-and-encode, background-masked full image,
 RoI-Align), and write ``OUT/report.md``, ``OUT/report.json`` and pictures. The final CLOC checkpoint
 is ``OUT/cloc`` (``AutoModel.from_pretrained`` loads it after ``import cloc_hf``).
+
+Settings: ``TRAINING`` is the :class:`~training.config.PretrainConfig` of every run; a preset
+(``PRESETS``) is a named override of :class:`DemoSettings` (its ``training`` entry overrides
+``TRAINING``), and an ablation row (``ABLATIONS``) a named override of the run's PretrainConfig.
+Architecture and loss settings go through ``model_overrides`` to ``CLOCConfig``, their one home.
 """
 
 from __future__ import annotations
