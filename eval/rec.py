@@ -36,6 +36,7 @@ from cloc_data.format import RegionSample
 from cloc_data.shards import SkipCounter
 from cloc_hf.box_ops import box_iou
 from cloc_hf.image_processing_cloc import load_rgb_image
+from cloc_hf.prompts import split_per_image
 from eval.baselines import (
     EncodeOptions,
     check_method,
@@ -185,16 +186,12 @@ def predict_boxes_with_head(
             sentences = [text for img in chunk for text in img.sentences]
             counts = [len(img.sentences) for img in chunk]
             text = processor(text=sentences, return_tensors="pt")
-            index = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(counts))
-            pred = model.ground(
-                input_ids=text["input_ids"].to(device),
-                attention_mask=text["attention_mask"].to(device),
-                text_image_index=index.to(device),
+            pred = model.ground(  # phrases per image, as the model takes every prompt
+                input_ids=split_per_image(text["input_ids"].to(device), counts),
+                attention_mask=split_per_image(text["attention_mask"].to(device), counts),
                 vision_outputs=vision,
             )
-            pixel = processor.post_process_boxes(
-                list(pred.float().cpu().split(counts)), inputs["original_sizes"]
-            )
+            pixel = processor.post_process_boxes([p.float().cpu() for p in pred], inputs["original_sizes"])
             out.extend(pixel)
     return torch.cat(out) if out else torch.zeros(0, 4)
 

@@ -291,13 +291,13 @@ def test_rec_box_head_maps_boxes_back_to_original_pixels(model, processor, refer
     truth = frame.to_model(image.targets.float())
     assert not torch.allclose(truth, image.targets.float() / 40)  # padding moved y
 
-    monkeypatch.setattr(model, "ground", lambda **kwargs: truth.clone())
+    monkeypatch.setattr(model, "ground", lambda **kwargs: [truth.clone()])  # one (n_i, 4) per image
     result = rec_by_box_head(model, processor, data["val"])
     assert result["acc@0.5"] == pytest.approx(100.0) and result["miou"] == pytest.approx(100.0, abs=1e-3)
     assert result["center_acc"] == 100.0 and result["num_expressions"] == 2
 
     # the two predictions swapped: both wrong
-    monkeypatch.setattr(model, "ground", lambda **kwargs: truth.flip(0))
+    monkeypatch.setattr(model, "ground", lambda **kwargs: [truth.flip(0)])
     assert rec_by_box_head(model, processor, data["val"])["acc@0.1"] == 0.0
 
 
