@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         write_markdown(results, args.markdown, args.title)
         logger.info("wrote %s", args.markdown)
+    for source, counts in (results["meta"].get("data_skips") or {}).items():
+        logger.info("dropped while reading %s: %s", source, counts)  # the readers' skip rules, counted
     for row in results["rows"]:
         logger.info(
             "%s", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items() if v is not None}
