@@ -145,6 +145,8 @@ def test_init_from_applies_prompter_overrides_with_one_notice(checkpoint, caplog
 def test_init_from_refuses_overrides_that_change_loaded_weights(checkpoint):
     with pytest.raises(ValueError, match=r"\['projection_dim'\].*init_from="):
         PretrainConfig(init_from=str(checkpoint), model_overrides={"projection_dim": 16})
+    with pytest.raises(ValueError, match=r"arch='cloc-vit-b-16' conflicts with init_from="):
+        PretrainConfig(init_from=str(checkpoint), arch="cloc-vit-b-16")  # was silently ignored
 
 
 def test_model_card_reads_the_renamed_regions_per_image():

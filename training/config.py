@@ -37,8 +37,8 @@ class PretrainConfig:
 
     Model
         arch (str, "cloc-tiny-demo"): a name from ``cloc_hf.list_models()``; the CPU-sized demo model
-            by default, so a bare run finishes on a laptop. Not used with ``init_from`` (the
-            checkpoint defines the architecture).
+            by default, so a bare run finishes on a laptop. With ``init_from`` the checkpoint defines
+            the architecture, and another ``arch`` raises.
         init_from (str | None, None): a CLOC checkpoint dir or hub id to continue from (e.g. the output
             of ``cloc-convert --from-hf-clip``); ``None`` trains from scratch, as the paper does.
         model_overrides (dict, {}): ``CLOCConfig`` fields merged into the named config, e.g.
@@ -183,6 +183,9 @@ class PretrainConfig:
         if self.regions_per_image < 0:
             raise ValueError(f"regions_per_image must be >= 0, got {self.regions_per_image}")
         check_config_overrides(self.model_overrides, where="PretrainConfig.model_overrides")
+        if self.init_from and self.arch != _default("arch"):
+            raise ValueError(f"arch={self.arch!r} conflicts with init_from={self.init_from!r}: the checkpoint "
+                             "defines the architecture; give only init_from")
         if self.init_from:
             changeable = set(LOSS_SETTINGS) | {"prompter_config", "grounding_loss"}
             fixed = sorted(set(self.model_overrides) - changeable)
