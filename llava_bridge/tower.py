@@ -21,6 +21,7 @@ See ``docs/llava.md`` for the user guide.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -152,7 +153,8 @@ class CLOCVisionTower(nn.Module):
         if not self.is_loaded:
             config = _read_config(self.vision_tower_name)
             self._install(AutoModel.from_config(config))
-        result = self.load_state_dict(tensors, strict=strict)
+        with _gathered_for_writing(self):
+            result = self.load_state_dict(tensors, strict=strict)
         if not strict and (result.missing_keys or result.unexpected_keys):
             logger.warning("tower keys missing: %s; unexpected: %s", result.missing_keys, result.unexpected_keys)
 
@@ -286,6 +288,17 @@ def _load_image_processor(name: str, vision_config: CLOCVisionConfig) -> CLOCIma
     except OSError:
         logger.warning("%s has no image processor config; using CLOCImageProcessor(size=%d)", name, vision_config.image_size)
         return CLOCImageProcessor(size=vision_config.image_size)
+
+
+def _gathered_for_writing(module: nn.Module):
+    """Under DeepSpeed ZeRO-3 each rank holds a slice of every parameter (marked by ``ds_id``); writing
+    weights needs them whole, with rank 0's values kept on every rank. Without ZeRO-3, nothing to do."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def _per_image(prompts, num_images: int) -> list:

@@ -206,7 +206,8 @@ def test_region_errors(cloc_dir, vision_dir):
 
 # -- the builder and the documented change in a fork --------------------------------------------------
 def _fork_with_documented_change(tmp_path):
-    """A stand-in for a LLaVA fork: its builder knows CLIP names only; the two documented lines appended."""
+    """A stand-in for a LLaVA fork: its builder sends existing paths and CLIP-like names to its CLIP tower
+    (LLaVA's and LLaVA-NeXT's rules); the two documented lines are appended."""
     block = re.search(r"<!-- fork-builder-change -->\s*```python\n(.*?)```", DOCS.read_text(), re.S)
     assert block, "docs/llava.md lost the fork builder change block"
     lines = [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
@@ -215,12 +216,13 @@ def _fork_with_documented_change(tmp_path):
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "builder.py").write_text(
+        "import os\n\n"
         "class CLIPVisionTower:\n"
         "    def __init__(self, vision_tower, args, delay_load=False):\n"
         "        self.name, self.delay_load = vision_tower, delay_load\n\n"
         "def build_vision_tower(vision_tower_cfg, **kwargs):\n"
         "    vision_tower = getattr(vision_tower_cfg, 'mm_vision_tower', getattr(vision_tower_cfg, 'vision_tower', None))\n"
-        "    if 'clip' in vision_tower or vision_tower.startswith('openai'):\n"
+        "    if os.path.exists(vision_tower) or 'clip' in vision_tower or vision_tower.startswith('openai'):\n"
         "        return CLIPVisionTower(vision_tower, args=vision_tower_cfg, **kwargs)\n"
         "    raise ValueError(f'Unknown vision tower: {vision_tower}')\n\n" + "\n".join(lines) + "\n"
     )
@@ -301,3 +303,70 @@ def test_llava_next_hf_tower_call_sequence(cloc_dir, vision_dir, tmp_path):
         torch.testing.assert_close(features, expected.float())
     # its num_patches reads image_size / patch_size from the top-level config: a ViT-only checkpoint has them
     assert cfg_only.image_size // cfg_only.patch_size == 4
+
+
+# -- DeepSpeed ZeRO-3: partitioned loading, two CPU processes ---------------------------------------------
+_ZERO3_SCRIPT = r'''
+import importlib, sys, types
+import torch
+importlib.import_module("deepspeed.comm.torch")
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # a CPU-only comm op gloo never uses
+import deepspeed
+from transformers.integrations import HfDeepSpeedConfig
+
+deepspeed.init_distributed(dist_backend="gloo")
+config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 2, "zero_optimization": {"stage": 3}}
+keep_alive = HfDeepSpeedConfig(config)  # while it lives, transformers builds and loads models partitioned
+import cloc_hf
+from llava_bridge import CLOCVisionTower
+
+cloc_dir, mllm_dir, expected_file = sys.argv[1:4]
+expected = torch.load(expected_file)
+args = types.SimpleNamespace(mm_vision_tower=cloc_dir, mm_vision_select_layer=-2)
+for name, tower in (("original", CLOCVisionTower(cloc_dir, args)),
+                    ("fine_tuned", CLOCVisionTower.from_mllm_state_dict(mllm_dir, args))):
+    params = list(tower.parameters())
+    assert params and all(hasattr(p, "ds_id") and p.numel() == 0 for p in params), name  # partitioned
+    with deepspeed.zero.GatheredParameters(params):
+        for key, value in tower.state_dict().items():
+            torch.testing.assert_close(value, expected[name + "_state"][key], msg=key)
+    engine = deepspeed.initialize(model=tower, config=config)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(engine(expected["px"]), expected[name], msg=name)
+print("zero3 ok", torch.distributed.get_rank())
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_partitioned_loading_two_processes(vision_dir, tmp_path):
+    """Under ZeRO-3 the tower loads partitioned, from the CLOC checkpoint or from MLLM weights.
+
+    A ViT-only checkpoint: a full CLOC model cannot be built under ZeRO-3 initialisation yet, since
+    DeepSpeed cannot partition its 0-dimensional ``logit_scale`` parameter.
+    """
+    import os
+    import subprocess
+
+    pytest.importorskip("deepspeed")
+    tower = CLOCVisionTower(vision_dir, _args(vision_dir))
+    fine_tuned = CLOCVisionTower(vision_dir, _args(vision_dir))
+    with torch.no_grad():
+        for p in fine_tuned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    (tmp_path / "mllm").mkdir()
+    save_file({f"model.vision_tower.{k}": v.contiguous() for k, v in fine_tuned.state_dict().items()},
+              tmp_path / "mllm" / "model.safetensors")
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = {"px": px, "original": tower(px), "fine_tuned": fine_tuned(px),
+                    "original_state": tower.state_dict(), "fine_tuned_state": fine_tuned.state_dict()}
+    torch.save(expected, tmp_path / "expected.pt")
+    (tmp_path / "check.py").write_text(_ZERO3_SCRIPT)
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+           str(tmp_path / "check.py"), str(vision_dir), str(tmp_path / "mllm"), str(tmp_path / "expected.pt")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0 and log.count("zero3 ok") == 2, log[-4000:]
