@@ -6,6 +6,9 @@
 * :mod:`llava_bridge.builder`: :func:`build_vision_tower` / :func:`with_cloc`, which send CLOC
   checkpoints (recognised by their config) to that tower and every other tower to the fork's own
   builder.
+* :mod:`llava_bridge.modeling_llava` / :mod:`llava_bridge.processing_llava`:
+  :class:`CLOCLlavaForConditionalGeneration` and :class:`CLOCLlavaProcessor`, Hugging Face LLaVA with
+  ``<region>`` tokens that take region features (registered with the Auto classes on import).
 * :mod:`llava_bridge.box_text`: writing boxes into prompts and reading them out of answers, for every
   box convention, with the frame (original image or padded square) explicit.
 
@@ -15,9 +18,16 @@ Hugging Face ``LlavaForConditionalGeneration`` needs nothing from here: ``import
 
 from .box_text import CONVENTIONS, box_to_text, format_box, parse_box, parse_boxes, resolve_frame, text_to_box
 from .builder import CLOC_MODEL_TYPES, build_vision_tower, is_cloc_checkpoint, with_cloc
+from .configuration_llava import CLOCLlavaConfig
+from .modeling_llava import CLOCLlavaForConditionalGeneration, CLOCLlavaModel
+from .processing_llava import CLOCLlavaProcessor
 from .tower import CLOCVisionTower
 
 __all__ = [
+    "CLOCLlavaConfig",
+    "CLOCLlavaForConditionalGeneration",
+    "CLOCLlavaModel",
+    "CLOCLlavaProcessor",
     "CLOC_MODEL_TYPES",
     "CLOCVisionTower",
     "CONVENTIONS",
