@@ -21,6 +21,7 @@ from .builder import CLOC_MODEL_TYPES, build_vision_tower, is_cloc_checkpoint, w
 from .configuration_llava import CLOCLlavaConfig
 from .modeling_llava import CLOCLlavaForConditionalGeneration, CLOCLlavaModel
 from .processing_llava import CLOCLlavaProcessor
+from .swap_tower import SwapTowerError, swap_tower
 from .tower import CLOCVisionTower
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "CLOC_MODEL_TYPES",
     "CLOCVisionTower",
     "CONVENTIONS",
+    "SwapTowerError",
     "box_to_text",
     "build_vision_tower",
     "format_box",
@@ -38,6 +40,7 @@ __all__ = [
     "parse_box",
     "parse_boxes",
     "resolve_frame",
+    "swap_tower",
     "text_to_box",
     "with_cloc",
 ]
