@@ -541,6 +541,8 @@ import cloc_hf
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 model = LlavaForConditionalGeneration.from_pretrained("<this folder>")
 processor = AutoProcessor.from_pretrained("<this folder>")
+inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+inputs.pop("original_sizes")  # added by CLOC's image processor; generate() takes only the model's inputs
 ```
 """
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AutoProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -121,7 +122,8 @@ def test_swap_keeps_lm_bytes_and_loads_the_cloc_tower(tmp_path, layout, tower_pr
 def test_written_processor_counts_image_tokens_and_generates(tmp_path, strategy, tokens):
     src = _llava_source(tmp_path / "src", strategy=strategy)
     dst = swap_tower(src, _cloc(tmp_path / "cloc", full=False)[0], tmp_path / "dst")
-    processor = LlavaProcessor.from_pretrained(dst)
+    processor = AutoProcessor.from_pretrained(dst)
+    assert type(processor) is LlavaProcessor
     assert isinstance(processor.image_processor, cloc_hf.CLOCImageProcessor) and processor.image_processor.size == 32
     assert processor.num_additional_image_tokens == 1 and processor.patch_size == 8
     images = [PIL.Image.new("RGB", (40, 24), "red"), PIL.Image.new("RGB", (20, 50), "blue")]
@@ -204,7 +206,7 @@ def test_bad_source_gives_one_error_line(tmp_path, capsys, make_bad, message):
 @pytest.mark.slow  # a fresh interpreter importing torch + transformers
 def test_cli_exit_status(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "llava_bridge.swap_tower", "--llava", str(tmp_path / "nope"), "--cloc", str(tmp_path),
+        [sys.executable, "-c", "import sys; from llava_bridge.swap_tower import main; sys.exit(main())", "--llava", str(tmp_path / "nope"), "--cloc", str(tmp_path),
          "--out", str(tmp_path / "dst")],
         capture_output=True, text=True, timeout=120,
     )
