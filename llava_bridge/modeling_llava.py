@@ -315,6 +315,24 @@ class CLOCLlavaForConditionalGeneration(CLOCLlavaPreTrainedModel, LlavaForCondit
                 inputs.pop(key, None)
         return inputs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """The generic expansion (beams, ``num_return_sequences``) plus the region prompt lists and the tower's
+        hidden states the region encoder reads (the generic one expands tensors and image features only)."""
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if expand_size > 1:
+            for key in REGION_INPUTS:
+                prompts = model_kwargs.get(key)
+                if prompts is not None and not torch.is_tensor(prompts):  # a (B, n, k) tensor is expanded already
+                    model_kwargs[key] = [t for t in prompts for _ in range(expand_size)]
+            image = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+            if image is not None and getattr(image, "hidden_states", None) is not None:
+                image.hidden_states = tuple(
+                    None if h is None else h.repeat_interleave(expand_size, dim=0) for h in image.hidden_states
+                )
+        return input_ids, model_kwargs
+
     # -- building from a CLOC checkpoint -------------------------------------------------------------
     def load_cloc_weights(self, vision_state_dict: dict, prompter_state_dict: dict | None = None) -> None:
         """Copy a CLOC ViT's (``CLOCModel.vision_model``) and Prompter's (``CLOCModel.prompter``) state

@@ -182,6 +182,18 @@ def test_generate_injects_regions_in_prefill_with_one_tower_pass():
     torch.testing.assert_close(gen.scores[0], logits, rtol=1e-4, atol=1e-4)
 
 
+def test_beam_search_expands_region_prompts_per_sample():
+    """num_beams / num_return_sequences repeat each sample: its regions and tower states go with it."""
+    model = _model().eval()
+    ids, px = _ids([2, 0, 1]), torch.randn(3, 3, 32, 32)
+    kwargs = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    seen = _Captured(model)
+    batched = model.generate(input_ids=ids, pixel_values=px, region_boxes=BOXES, **kwargs)
+    assert seen.tower_passes == 1 and batched.shape[0] == 6
+    alone = model.generate(input_ids=ids[2:], pixel_values=px[2:], region_boxes=BOXES[2:], **kwargs)
+    torch.testing.assert_close(batched[4:], alone)
+
+
 @pytest.mark.parametrize("tokens, boxes, sample, found, given", [([2, 0, 1], [BOXES[0], BOXES[0], BOXES[2]], 1, 0, 2),
                                                                    ([2, 0, 1], [BOXES[0], BOXES[1], BOXES[1]], 2, 1, 0)])
 def test_region_token_count_mismatch_names_the_sample(tokens, boxes, sample, found, given):
