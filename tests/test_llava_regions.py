@@ -52,7 +52,7 @@ def _config(kind="cloc", prompter=True, **kwargs) -> CLOCLlavaConfig:
     extra = dict(prompter_config={"num_attention_heads": 2}, prompter_projection_dim=24) if prompter else {}
     return CLOCLlavaConfig(
         vision_config=_vision(kind), text_config=text, image_token_id=IMAGE_ID, region_token_id=REGION_ID,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", **extra, **kwargs,
+        **{"vision_feature_layer": -2, "vision_feature_select_strategy": "default", **extra, **kwargs},
     )
 
 
@@ -337,3 +337,21 @@ def test_auto_classes_and_save_reload_in_a_fresh_process(tmp_path):
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert isinstance(reloaded, CLOCLlavaForConditionalGeneration)
     assert isinstance(AutoProcessor.from_pretrained(tmp_path), CLOCLlavaProcessor)
+
+
+@pytest.mark.parametrize("strategy, tokens", [("default", GRID), ("full", GRID + 1)])
+def test_processor_image_token_count_matches_the_model(strategy, tokens):
+    """The class token is counted by default (num_additional_image_tokens=1), for both strategies."""
+    proc = CLOCLlavaProcessor(
+        image_processor=CLOCImageProcessor(size=32), tokenizer=_tokenizer(), patch_size=8,
+        vision_feature_select_strategy=strategy,
+    )
+    image = _image(40, 24)
+    inputs = proc(images=[image], text=[f"{IMAGE_TOKEN} {REGION_TOKEN} and {REGION_TOKEN}"],
+                  boxes=[[[2, 2, 20, 20]]], points=[[[30, 10]]])
+    assert (inputs["input_ids"] == IMAGE_ID).sum().item() == tokens
+    frame = proc.image_processor.frame_transform(40, 24)
+    torch.testing.assert_close(inputs["region_points"][0], frame.points_to_model(torch.tensor([[30.0, 10.0]])))
+    model = _model(vision_feature_select_strategy=strategy).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
