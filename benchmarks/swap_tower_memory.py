@@ -77,7 +77,13 @@ def _entries(model: torch.nn.Module, dtype: torch.dtype, rename=()) -> list[tupl
 def build_llava(folder: Path, size_gb: float, shards: int, dtype: torch.dtype) -> int:
     """Write the synthetic LLaVA checkpoint; returns the size of its largest shard in bytes."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        PreTrainedTokenizerFast,
+    )
 
     hidden, mlp, vocab = 4096, 11008, 32000
     per_layer = (4 * hidden * hidden + 3 * hidden * mlp) * dtype.itemsize

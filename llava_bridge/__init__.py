@@ -11,6 +11,8 @@
   ``<region>`` tokens that take region features (registered with the Auto classes on import).
 * :mod:`llava_bridge.box_text`: writing boxes into prompts and reading them out of answers, for every
   box convention, with the frame (original image or padded square) explicit.
+* :mod:`llava_bridge.swap_tower`: :func:`swap_llava_tower` (``cloc-swap-tower``), an existing HF LLaVA
+  checkpoint converted to a CLOC tower shard by shard, the language model copied byte for byte.
 
 Hugging Face ``LlavaForConditionalGeneration`` needs nothing from here: ``import cloc_hf`` registers
 ``CLOCVisionConfig``, so it can be the ``vision_config`` of a ``LlavaConfig``. See ``docs/llava.md``.
@@ -21,7 +23,7 @@ from .builder import CLOC_MODEL_TYPES, build_vision_tower, is_cloc_checkpoint, w
 from .configuration_llava import CLOCLlavaConfig
 from .modeling_llava import CLOCLlavaForConditionalGeneration, CLOCLlavaModel
 from .processing_llava import CLOCLlavaProcessor
-from .swap_tower import SwapTowerError, swap_tower
+from .swap_tower import SwapTowerError, swap_llava_tower
 from .tower import CLOCVisionTower
 
 __all__ = [
@@ -40,7 +42,7 @@ __all__ = [
     "parse_box",
     "parse_boxes",
     "resolve_frame",
-    "swap_tower",
+    "swap_llava_tower",
     "text_to_box",
     "with_cloc",
 ]

@@ -188,8 +188,10 @@ class _PickleShard:
             state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
             state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise SwapTowerError(f"{self.path}: not a state dict (a {type(state).__name__})")
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or v.dtype not in _DTYPE_NAMES]
-        if not isinstance(state, dict) or bad:
+        if bad:
             raise SwapTowerError(f"{self.path}: not a state dict of tensors (bad entries: {bad[:3]})")
         return state
 
@@ -420,7 +422,7 @@ def _chat_template(src: Path, tokenizer) -> str | None:
 # the swap
 
 
-def swap_tower(llava_dir, cloc_dir, out_dir, projector: str = "keep", allow_pickle: bool = False, seed: int = 0) -> Path:
+def swap_llava_tower(llava_dir, cloc_dir, out_dir, projector: str = "keep", allow_pickle: bool = False, seed: int = 0) -> Path:
     """Write ``out_dir``: the LLaVA checkpoint ``llava_dir`` with the CLOC ViT of ``cloc_dir`` as its tower.
 
     Args:
@@ -559,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of a re-initialised projector (default 0)")
     args = parser.parse_args(argv)
     try:
-        out = swap_tower(args.llava, args.cloc, args.out, args.projector, args.allow_pickle, args.seed)
+        out = swap_llava_tower(args.llava, args.cloc, args.out, args.projector, args.allow_pickle, args.seed)
     except (SwapTowerError, OSError) as err:
         print(f"cloc-swap-tower: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 import cloc_hf
-from llava_bridge import swap_tower
+from llava_bridge import swap_llava_tower
 from llava_bridge.swap_tower import SAFE_INDEX, SwapTowerError, main, read_cloc_tower
 
 WORDS = ["[PAD]", "[UNK]", "<s>", "</s>", "<image>", "user", "assistant", "a", "red", "square", "on", "the", "left"]
@@ -95,7 +95,7 @@ def test_swap_keeps_lm_bytes_and_loads_the_cloc_tower(tmp_path, layout, tower_pr
     src = _llava_source(tmp_path / "src", layout=layout)
     assert len(list(src.glob("model-*.safetensors"))) >= 3
     cloc_dir, vit = _cloc(tmp_path / "cloc")
-    dst = swap_tower(src, cloc_dir, tmp_path / "dst")
+    dst = swap_llava_tower(src, cloc_dir, tmp_path / "dst")
 
     before, after = _tensors(src), _tensors(dst)
     kept = [k for k in before if not k.startswith(tower_prefix)]
@@ -121,7 +121,7 @@ def test_swap_keeps_lm_bytes_and_loads_the_cloc_tower(tmp_path, layout, tower_pr
 @pytest.mark.parametrize("strategy, tokens", [("default", 16), ("full", 17)])
 def test_written_processor_counts_image_tokens_and_generates(tmp_path, strategy, tokens):
     src = _llava_source(tmp_path / "src", strategy=strategy)
-    dst = swap_tower(src, _cloc(tmp_path / "cloc", full=False)[0], tmp_path / "dst")
+    dst = swap_llava_tower(src, _cloc(tmp_path / "cloc", full=False)[0], tmp_path / "dst")
     processor = AutoProcessor.from_pretrained(dst)
     assert type(processor) is LlavaProcessor
     assert isinstance(processor.image_processor, cloc_hf.CLOCImageProcessor) and processor.image_processor.size == 32
@@ -144,9 +144,9 @@ def test_projector_mismatch_refused_unless_reinit(tmp_path):
     src = _llava_source(tmp_path / "src", vision_hidden=48)  # CLIP width 48, CLOC width 32
     cloc_dir, vit = _cloc(tmp_path / "cloc")
     with pytest.raises(SwapTowerError, match=r"takes 48 features.*--projector reinit"):
-        swap_tower(src, cloc_dir, tmp_path / "refused")
+        swap_llava_tower(src, cloc_dir, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
-    dst = swap_tower(src, cloc_dir, tmp_path / "dst", projector="reinit")
+    dst = swap_llava_tower(src, cloc_dir, tmp_path / "dst", projector="reinit")
     model = LlavaForConditionalGeneration.from_pretrained(dst).eval()
     projector = model.model.multi_modal_projector
     assert projector.linear_1.weight.shape == (32, 32)
@@ -167,8 +167,8 @@ def test_pickled_weights_refused_unless_allowed(tmp_path):
     torch.save(state, src / "pytorch_model.bin")
     cloc_dir, vit = _cloc(tmp_path / "cloc")
     with pytest.raises(SwapTowerError, match=r"pickled \(pytorch_model.bin\).*--allow-pickle"):
-        swap_tower(src, cloc_dir, tmp_path / "refused")
-    dst = swap_tower(src, cloc_dir, tmp_path / "dst", allow_pickle=True)
+        swap_llava_tower(src, cloc_dir, tmp_path / "refused")
+    dst = swap_llava_tower(src, cloc_dir, tmp_path / "dst", allow_pickle=True)
     assert not list(dst.glob("*.bin")) and (dst / "model.safetensors").is_file()
     after = _tensors(dst)
     assert all(_same_bytes(v, after[k]) for k, v in state.items() if not k.startswith("vision_tower."))
