@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
@@ -29,7 +30,6 @@ from transformers.models.llava.modeling_llava import (
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
