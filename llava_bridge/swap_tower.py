@@ -340,6 +340,8 @@ def swapped_config(source, vision_config):
     data["vision_config"] = vision_config.to_dict()
     for key in ("auto_map", "architectures", "transformers_version", "_name_or_path"):
         data["vision_config"].pop(key, None)
+    if data.get("dtype") is not None:  # the tower is written in the checkpoint's dtype
+        data["vision_config"]["dtype"] = data["dtype"]
     grid = (vision_config.image_size // vision_config.patch_size) ** 2
     data["image_seq_length"] = grid + (1 if source.vision_feature_select_strategy == "full" else 0)
     return LlavaConfig.from_dict(data)
@@ -440,6 +442,7 @@ def swap_llava_tower(llava_dir, cloc_dir, out_dir, projector: str = "keep", allo
     if projector not in PROJECTOR_CHOICES:
         raise SwapTowerError(f"unknown projector mode {projector!r}; expected one of {PROJECTOR_CHOICES}")
     source_config = _source_config(src)
+    _check_out(out, src)
     files, pickled = _weight_files(src, allow_pickle, "LLaVA")
     shards = [(_PickleShard if pickled else _SafetensorsShard)(f) for f in files]
     layout = {name: entry for shard in shards for name, entry in shard.layout().items()}
@@ -452,7 +455,6 @@ def swap_llava_tower(llava_dir, cloc_dir, out_dir, projector: str = "keep", allo
     config = swapped_config(source_config, vision_config)
     new_projector = projector_tensors(config, layout, projector_prefix, projector, dtype, seed)
     processor = build_processor(src, cloc_dir, config)
-    _check_out(out, src)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _copy_side_files(src, tmp)

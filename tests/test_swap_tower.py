@@ -203,6 +203,17 @@ def test_bad_source_gives_one_error_line(tmp_path, capsys, make_bad, message):
     assert not (tmp_path / "dst").exists()
 
 
+def test_output_folder_must_be_new_or_empty(tmp_path):
+    src = _llava_source(tmp_path / "src")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "keep.txt").write_text("user data")
+    with pytest.raises(SwapTowerError, match="exists and is not an empty folder"):
+        swap_llava_tower(src, _cloc(tmp_path / "cloc")[0], tmp_path / "dst")
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["keep.txt"]
+    with pytest.raises(SwapTowerError, match="is the source folder"):
+        swap_llava_tower(src, tmp_path / "cloc", src)
+
+
 @pytest.mark.slow  # a fresh interpreter importing torch + transformers
 def test_cli_exit_status(tmp_path):
     result = subprocess.run(
