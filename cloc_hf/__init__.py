@@ -4,7 +4,14 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcesso
 
 from .configuration_cloc import CLOCConfig, CLOCPrompterConfig, CLOCTextConfig, CLOCVisionConfig
 from .image_processing_cloc import CLOCImageProcessor
-from .modeling_cloc import CLOCModel, CLOCOutput, CLOCPreTrainedModel, CLOCPrompter, CLOCVisionModel
+from .modeling_cloc import (
+    CLOCGroundingOutput,
+    CLOCModel,
+    CLOCOutput,
+    CLOCPreTrainedModel,
+    CLOCPrompter,
+    CLOCVisionModel,
+)
 from .processing_cloc import CLOCProcessor
 from .registry import create_model, get_model_config, list_models
 
@@ -35,6 +42,7 @@ _register()
 
 __all__ = [
     "CLOCConfig",
+    "CLOCGroundingOutput",
     "CLOCImageProcessor",
     "CLOCModel",
     "CLOCOutput",

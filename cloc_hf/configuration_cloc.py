@@ -24,6 +24,24 @@ TEXT_ADAPTERS = ("linear", "mlp")
 BOX_ENCODINGS = ("corners", "corners_center")
 PROMPT_POSITIONS = ("token", "attention")
 GROUNDING_LOSS_TYPES = ("l2", "l1_giou")
+BOX_HEAD_INPUTS = ("region_embedding", "pooled")
+
+# Named Prompter variants (`CLOCPrompterConfig.preset(name)`), as overrides of the defaults.
+PROMPTER_PRESETS: dict[str, dict] = {
+    # the first release's Prompter: every default
+    "default": {},
+    # the paper read literally: each corner's sinusoidal code *is* its prompt token, no type
+    # embeddings, no position codes on the image keys
+    "paper": {"prompt_position": "token", "type_embeddings": False, "image_position_encoding": False},
+    # position codes without aliasing (half a cycle to half the patch grid per frame), a box prior on
+    # the attention, and a box head on the pooled state
+    "local": {
+        "position_min_cycles": 0.5,
+        "position_temperature": None,
+        "box_attention_bias": 4.0,
+        "box_head_input": "pooled",
+    },
+}
 # CLOCConfig fields that only change the loss, not the weights: the ones a run may change on a
 # loaded checkpoint (``training.config.PretrainConfig.init_from``).
 LOSS_SETTINGS = (
@@ -92,8 +110,34 @@ class CLOCPrompterConfig(PreTrainedConfig):
             sin/cos at geometric frequencies, or `"random_fourier"`, SAM-style Gaussian Fourier
             features (a fixed buffer saved with the weights).
         position_temperature (`float`, defaults to 64.0):
-            Longest wavelength, in units of the frame, is `2 * pi`; shortest is
-            `2 * pi / position_temperature` (sinusoidal); std of the Gaussian matrix (random Fourier).
+            Sinusoidal: the highest frequency, in cycles per frame (shortest wavelength
+            `1 / position_temperature` of the frame); the frequencies are geometric between
+            `position_min_cycles` and this. Random Fourier: the variance of the Gaussian matrix.
+            `None`: half the patch grid's side (filled in by `CLOCConfig`), the fastest band whose
+            wavelength (two patches) still tells neighbouring patch centres apart.
+        position_min_cycles (`float`, defaults to 1.0):
+            Sinusoidal: the lowest frequency, in cycles per frame (longest wavelength
+            `1 / position_min_cycles` frames). With 1.0 (the first release's codes, kept so saved
+            models mean the same) the lowest band gives x=0 and x=1 the same code; 0.5 makes every
+            point of the frame distinct in that band. Set a value below 1 together with a
+            `position_temperature` near half the patch grid's side for codes whose fastest band
+            still resolves neighbouring patches (`CLOCPrompterConfig.preset("local")`).
+        type_embeddings (`bool`, defaults to `True`):
+            Add a learned type embedding (top-left / bottom-right corner, point) to each box or point
+            prompt token, as SAM does. `False` with `prompt_position="token"` and
+            `image_position_encoding=False` is the paper's literal Prompter (`preset("paper")`).
+        box_attention_bias (`float`, defaults to 0.0):
+            A box prior: added as `-box_attention_bias` to the attention logits from a box's prompt
+            tokens to patch tokens whose centre lies outside the box (class token and patches inside
+            unbiased). 0 = no prior (the paper). A positive value gives the Prompter RoI-Align's
+            locality from the first step while it keeps a learned pooling over the whole image
+            (Mask2Former's masked attention, softened). Text and point prompts are never biased.
+        box_head_input (`str`, defaults to `"region_embedding"`):
+            What the box head reads. `"region_embedding"`: the text prompt's region embedding (the
+            paper; the region-text loss keeps that embedding position-free, which starves the head).
+            `"pooled"`: the Prompter's pooled state before its projection, through the head's own
+            LayerNorm; its boxes are not clipped during training (clipping zeroes the gradient of a
+            coordinate pushed outside the frame), only in `CLOCModel.ground`.
         box_encoding (`str`, defaults to `"corners"`):
             Prompt tokens of a box. `"corners"`: the paper's two tokens, top-left and bottom-right.
             `"corners_center"`: a third token at the box centre, whose query looks where the object is
@@ -134,7 +178,11 @@ class CLOCPrompterConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     pooling: str = "prompt"
     position_encoding: str = "sinusoidal"
-    position_temperature: float = 64.0
+    position_temperature: float | None = 64.0
+    position_min_cycles: float = 1.0
+    type_embeddings: bool = True
+    box_attention_bias: float = 0.0
+    box_head_input: str = "region_embedding"
     box_encoding: str = "corners"
     prompt_position: str = "attention"
     image_position_encoding: bool = True
@@ -153,6 +201,7 @@ class CLOCPrompterConfig(PreTrainedConfig):
             ("text_adapter", self.text_adapter, TEXT_ADAPTERS),
             ("box_encoding", self.box_encoding, BOX_ENCODINGS),
             ("prompt_position", self.prompt_position, PROMPT_POSITIONS),
+            ("box_head_input", self.box_head_input, BOX_HEAD_INPUTS),
         ):
             if value not in allowed:
                 raise ValueError(f"CLOCPrompterConfig.{name}={value!r}; expected one of {allowed}")
@@ -166,6 +215,20 @@ class CLOCPrompterConfig(PreTrainedConfig):
                 )
         if self.num_hidden_layers < 1 or self.region_chunk_size < 1 or self.roi_output_size < 1:
             raise ValueError("Prompter num_hidden_layers, region_chunk_size and roi_output_size must be >= 1")
+        if self.position_temperature is not None and not 0 < self.position_min_cycles <= self.position_temperature:
+            raise ValueError(
+                f"CLOCPrompterConfig.position_min_cycles={self.position_min_cycles} must be in "
+                f"(0, position_temperature={self.position_temperature}]"
+            )
+        if self.box_attention_bias < 0:
+            raise ValueError(f"CLOCPrompterConfig.box_attention_bias={self.box_attention_bias} must be >= 0")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> CLOCPrompterConfig:
+        """A named Prompter variant (:data:`PROMPTER_PRESETS`), with ``overrides`` on top."""
+        if name not in PROMPTER_PRESETS:
+            raise ValueError(f"unknown Prompter preset {name!r}; expected one of {sorted(PROMPTER_PRESETS)}")
+        return cls(**{**PROMPTER_PRESETS[name], **overrides})
 
 
 @strict
@@ -198,6 +261,10 @@ class CLOCConfig(PreTrainedConfig):
             `w_g` in the total loss above; 1 is the paper's formula. The L2 box loss on normalised
             coordinates is small next to the contrastive terms, so a larger weight is a knob for
             grounding quality.
+        joint_text_pass (`bool`, defaults to `False`):
+            Encode the captions and the batch's distinct region phrases in one text-tower call
+            (padded to one length) instead of two. Same results up to float rounding; saves a
+            launch-bound pass on GPUs, costs padding FLOPs on CPUs (`benchmarks/train_step.py`).
         point_prompt_loss (`bool`, defaults to `False`):
             Beyond the paper (points are its "future work"): also train point prompts, using each
             region's box centre as a point with the same region-text loss (the two are averaged).
@@ -223,6 +290,7 @@ class CLOCConfig(PreTrainedConfig):
     grounding_giou_weight: float = 1.0
     grounding_loss_weight: float = 1.0
     point_prompt_loss: bool = False
+    joint_text_pass: bool = False
     initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs):
@@ -232,6 +300,9 @@ class CLOCConfig(PreTrainedConfig):
         # The paper's Prompter has the ViT's width; resolve "same as the ViT" once, here.
         if self.prompter_config.hidden_size is None:
             self.prompter_config.hidden_size = self.vision_config.hidden_size
+        if self.prompter_config.position_temperature is None:
+            grid = self.vision_config.image_size // self.vision_config.patch_size
+            self.prompter_config.position_temperature = max(grid / 2, self.prompter_config.position_min_cycles)
         self.prompter_config.validate_architecture()
         for tower in (self.text_config, self.vision_config):
             tower.projection_dim = self.projection_dim

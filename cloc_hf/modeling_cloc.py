@@ -43,6 +43,21 @@ from .prompts import flatten_per_image, padded_to_per_image, split_per_image
 
 
 @dataclass
+class CLOCGroundingOutput(ModelOutput):
+    r"""Output of :meth:`CLOCModel.ground` with ``return_scores=True``.
+
+    Args:
+        pred_boxes (`(B, 4)` or a list of `(t_i, 4)`): normalised xyxy boxes in the model frame.
+        scores (`(B,)` or a list of `(t_i,)`): cosine similarity between each phrase's text embedding
+            and the region embedding of its predicted box; higher means the box holds what the
+            phrase names.
+    """
+
+    pred_boxes: Any = None
+    scores: Any = None
+
+
+@dataclass
 class CLOCOutput(ModelOutput):
     r"""Output of :meth:`CLOCModel.forward`.
 
@@ -214,8 +229,14 @@ class CLOCModel(CLOCPreTrainedModel):
 
         pconf = config.prompter_config
         self.prompter = CLOCPrompter(pconf, self.vision_embed_dim, self.projection_dim)
+        pooled_head = pconf.box_head_input == "pooled"
         self.box_head = (
-            CLOCBoxHead(self.projection_dim, pconf.box_head_hidden_size or pconf.hidden_size)
+            CLOCBoxHead(
+                pconf.hidden_size if pooled_head else self.projection_dim,
+                pconf.box_head_hidden_size or pconf.hidden_size,
+                norm=pooled_head,
+                eps=pconf.layer_norm_eps,
+            )
             if pconf.prompter_type == "transformer"
             else None
         )
@@ -300,7 +321,8 @@ class CLOCModel(CLOCPreTrainedModel):
         attention_mask: torch.Tensor | list[torch.Tensor] | None = None,
         text_image_index: torch.Tensor | None = None,
         vision_outputs: BaseModelOutputWithPooling | torch.Tensor | None = None,
-    ) -> torch.Tensor | list[torch.Tensor]:
+        return_scores: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor] | CLOCGroundingOutput:
         """Text -> box: the box head on the region embedding of each phrase used as a text prompt.
 
         Args:
@@ -310,10 +332,15 @@ class CLOCModel(CLOCPreTrainedModel):
             text_image_index: deprecated (removed in the next release): ``(T,)`` image of each row of
                 a flat ``(T, L)`` ``input_ids``. Pass the per-image list instead.
             vision_outputs: as in :meth:`get_region_features`.
+            return_scores: also return a confidence per box (:class:`CLOCGroundingOutput`): the
+                cosine similarity between the phrase's text embedding and the region embedding of
+                the predicted box, in ``[-1, 1]``. An application says "not found" below a threshold
+                chosen on validation data (a phrase naming nothing in the image scores low).
         Returns:
             normalised xyxy boxes in the model frame: ``(B, 4)`` for a ``(B, L)`` tensor, a list of
-            ``(t_i, 4)`` for a list (``(T, 4)`` with ``text_image_index``).
-            ``CLOCProcessor.post_process_boxes`` maps them to original pixels.
+            ``(t_i, 4)`` for a list (``(T, 4)`` with ``text_image_index``); with ``return_scores`` a
+            :class:`CLOCGroundingOutput` holding them and their scores in the same layout.
+            ``CLOCProcessor.post_process_boxes`` maps boxes to original pixels.
         """
         if self.box_head is None:
             raise ValueError("this model has no box head (prompter_type='roi_align')")
@@ -323,7 +350,8 @@ class CLOCModel(CLOCPreTrainedModel):
         batch = tokens.shape[0]
         if text_image_index is not None:
             index = self._deprecated_index(text_image_index, input_ids, batch)
-            return self._ground_rows(tokens, input_ids, attention_mask, index)
+            boxes, scores = self._ground_rows(tokens, input_ids, attention_mask, index, return_scores)
+            return CLOCGroundingOutput(pred_boxes=boxes, scores=scores) if return_scores else boxes
         single = torch.is_tensor(input_ids) and input_ids.ndim == 2
         if single:
             if input_ids.shape[0] != batch:
@@ -334,12 +362,28 @@ class CLOCModel(CLOCPreTrainedModel):
             input_ids = input_ids[:, None]
             attention_mask = attention_mask[:, None] if attention_mask is not None else None
         ids, mask, index, counts = _phrase_rows(input_ids, attention_mask, batch, "input_ids", tokens.device)
-        boxes = self._ground_rows(tokens, ids, mask, index)
-        return boxes if single else split_per_image(boxes, counts)
+        boxes, scores = self._ground_rows(tokens, ids, mask, index, return_scores)
+        if not single:
+            boxes = split_per_image(boxes, counts)
+            scores = split_per_image(scores, counts) if return_scores else None
+        return CLOCGroundingOutput(pred_boxes=boxes, scores=scores) if return_scores else boxes
 
-    def _ground_rows(self, tokens, input_ids, attention_mask, image_index) -> torch.Tensor:
-        """``(T, 4)`` boxes for flat phrase rows and the image index of each."""
+    def _ground_rows(self, tokens, input_ids, attention_mask, image_index, with_scores: bool = False):
+        """``(T, 4)`` boxes (clipped to the frame) for flat phrase rows and the image index of each,
+        and their ``(T,)`` scores when asked (else ``None``)."""
         text_embeds = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        boxes = self._predict_boxes(tokens, image_index, text_embeds).clamp(0, 1)
+        if not with_scores:
+            return boxes, None
+        regions = self.prompter(tokens, image_index, boxes=boxes.to(tokens.dtype))
+        return boxes, F.cosine_similarity(regions, text_embeds.to(regions.dtype), dim=-1)
+
+    def _predict_boxes(self, tokens, image_index, text_embeds) -> torch.Tensor:
+        """The box head on text prompts: it reads their region embeddings or pooled states
+        (``prompter_config.box_head_input``)."""
+        if self.config.prompter_config.box_head_input == "pooled":
+            _, pooled = self.prompter(tokens, image_index, text_embeds=text_embeds, return_pooled=True)
+            return self.box_head(pooled)
         return self.box_head(self.prompter(tokens, image_index, text_embeds=text_embeds))
 
     @staticmethod
@@ -390,23 +434,31 @@ class CLOCModel(CLOCPreTrainedModel):
         vision_outputs = self.get_image_features(
             pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
         )
-        text_outputs = self.get_text_features(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-        )
+        if region_mask is not None:
+            region_boxes, region_input_ids, region_attention_mask = _from_padded(
+                region_mask, region_boxes, region_input_ids, region_attention_mask
+            )
+        regions, text_outputs = {}, None
+        if region_boxes is not None:
+            joint = self.config.joint_text_pass and position_ids is None and not kwargs
+            encode_phrases = self._encode_phrases
+            if joint:  # captions and the distinct phrases through the text tower in one call
+                def encode_phrases(ids, mask):
+                    nonlocal text_outputs
+                    text_outputs, phrases = self._encode_captions_and_phrases(input_ids, attention_mask, ids, mask)
+                    return phrases
+            regions = self._region_outputs(
+                vision_outputs.last_hidden_state, region_boxes, region_input_ids, region_attention_mask, encode_phrases
+            )
+        if text_outputs is None:
+            text_outputs = self.get_text_features(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+            )
         image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
         text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
         scale = self.logit_scale.exp()
         logits_per_text = scale * text_embeds @ image_embeds.t()
 
-        regions = {}
-        if region_mask is not None:
-            region_boxes, region_input_ids, region_attention_mask = _from_padded(
-                region_mask, region_boxes, region_input_ids, region_attention_mask
-            )
-        if region_boxes is not None:
-            regions = self._region_outputs(
-                vision_outputs.last_hidden_state, region_boxes, region_input_ids, region_attention_mask
-            )
         output = CLOCOutput(
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
@@ -421,8 +473,11 @@ class CLOCModel(CLOCPreTrainedModel):
                 output[key] = value
         return output
 
-    def _region_outputs(self, tokens, region_boxes, region_input_ids, region_attention_mask) -> dict[str, Any]:
-        """The region fields of :class:`CLOCOutput` for per-image boxes and phrases over ViT ``tokens``."""
+    def _region_outputs(
+        self, tokens, region_boxes, region_input_ids, region_attention_mask, encode_phrases=None
+    ) -> dict[str, Any]:
+        """The region fields of :class:`CLOCOutput` for per-image boxes and phrases over ViT ``tokens``;
+        ``encode_phrases(ids, mask)`` gives the phrases' projected embeddings (default: their own pass)."""
         if region_input_ids is None:
             raise ValueError("region_boxes needs region_input_ids: one (n_i, L) tensor of phrases per image")
         batch = tokens.shape[0]
@@ -438,7 +493,7 @@ class CLOCModel(CLOCPreTrainedModel):
             )
         boxes, region_index = flat.values, flat.image_index
         raw_regions = self.prompter(tokens, region_index, boxes=boxes.to(tokens.dtype))
-        raw_region_texts = self._encode_phrases(phrase_ids, phrase_mask)
+        raw_region_texts = (encode_phrases or self._encode_phrases)(phrase_ids, phrase_mask)
         out = dict(
             region_embeds=F.normalize(raw_regions, dim=-1),
             region_text_embeds=F.normalize(raw_region_texts, dim=-1),
@@ -452,8 +507,7 @@ class CLOCModel(CLOCPreTrainedModel):
                 self.prompter(tokens, region_index, points=centres.to(tokens.dtype)), dim=-1
             )
         if self.box_head is not None and self.config.use_grounding_loss:
-            text_regions = self.prompter(tokens, region_index, text_embeds=raw_region_texts)
-            out["pred_boxes"] = self.box_head(text_regions)
+            out["pred_boxes"] = self._predict_boxes(tokens, region_index, raw_region_texts)
         return out
 
     def _encode_phrases(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -467,6 +521,38 @@ class CLOCModel(CLOCPreTrainedModel):
         ids = unique[:, : input_ids.shape[1]]
         mask = None if attention_mask is None else unique[:, input_ids.shape[1] :].to(attention_mask.dtype)
         return self.get_text_features(input_ids=ids, attention_mask=mask).pooler_output[inverse]
+
+    def _encode_captions_and_phrases(self, input_ids, attention_mask, phrase_ids, phrase_mask):
+        """Captions ``(B, L)`` and phrases ``(R, L_r)`` through the text tower in one call.
+
+        The distinct phrases are padded (or the captions, if shorter) to one length with the pad token
+        and a zero attention mask, stacked under the captions and encoded together: one pass instead of
+        two, which matters where a pass is launch-bound (small phrase batches on a GPU). Results equal
+        separate passes up to float rounding (the causal mask never lets a token see the padding).
+        Returns the captions' text output (as :meth:`get_text_features`) and the ``(R, D)`` phrase
+        embeddings."""
+        key = phrase_ids if phrase_mask is None else torch.cat([phrase_ids, phrase_mask.to(phrase_ids.dtype)], -1)
+        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+        ids = unique[:, : phrase_ids.shape[1]]
+        mask = torch.ones_like(ids) if phrase_mask is None else unique[:, phrase_ids.shape[1] :]
+        caption_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        length = max(input_ids.shape[1], ids.shape[1])
+        pad_id = self.config.text_config.pad_token_id or 0
+
+        def padded(rows, rows_mask):
+            extra = length - rows.shape[1]
+            return F.pad(rows, (0, extra), value=pad_id), F.pad(rows_mask.to(caption_mask.dtype), (0, extra), value=0)
+
+        (cap_ids, cap_mask), (ph_ids, ph_mask) = padded(input_ids, caption_mask), padded(ids, mask)
+        out = self.text_model(
+            input_ids=torch.cat([cap_ids, ph_ids]), attention_mask=torch.cat([cap_mask, ph_mask]), return_dict=True
+        )
+        pooled = self.text_projection(out.pooler_output)
+        batch = input_ids.shape[0]
+        captions = BaseModelOutputWithPooling(
+            last_hidden_state=out.last_hidden_state[:batch, : input_ids.shape[1]], pooler_output=pooled[:batch]
+        )
+        return captions, pooled[batch:][inverse]
 
     def compute_loss(self, outputs: CLOCOutput, comm=None) -> dict[str, torch.Tensor | None]:
         """The CLOC loss terms from a forward's outputs (``docs/design.md``, section "Losses").
@@ -497,6 +583,7 @@ class CLOCModel(CLOCPreTrainedModel):
 
 __all__ = [
     "CLOCBoxHead",
+    "CLOCGroundingOutput",
     "CLOCModel",
     "CLOCOutput",
     "CLOCPositionEncoding",

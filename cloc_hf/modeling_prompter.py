@@ -28,6 +28,7 @@ class CLOCPositionEncoding(nn.Module):
         super().__init__()
         self.kind = config.position_encoding
         self.temperature = config.position_temperature
+        self.min_cycles = config.position_min_cycles
         self.quarter = config.hidden_size // 4
         if self.kind == "sinusoidal":
             self.register_buffer("frequencies", self.sinusoidal_frequencies(), persistent=False)
@@ -37,10 +38,12 @@ class CLOCPositionEncoding(nn.Module):
             self.register_buffer("frequencies", gaussian, persistent=True)
 
     def sinusoidal_frequencies(self) -> torch.Tensor:
-        """Geometric frequencies from 1 to `temperature` cycles per frame. Recomputed in `_init_weights`
-        too: models are built on the meta device when loaded, which loses non-persistent buffers."""
+        """Geometric frequencies from `position_min_cycles` to `position_temperature` cycles per frame.
+
+        Recomputed in `_init_weights` too: models are built on the meta device when loaded, which
+        loses non-persistent buffers."""
         exponent = torch.arange(self.quarter, dtype=torch.float32) / max(self.quarter - 1, 1)
-        return self.temperature**exponent
+        return self.min_cycles * (self.temperature / self.min_cycles) ** exponent
 
     def forward(self, xy: torch.Tensor) -> torch.Tensor:
         """``(..., 2)`` normalised xy -> ``(..., hidden)``: sines then cosines of the frequency angles."""
@@ -73,6 +76,7 @@ class CLOCPromptEncoder(nn.Module):
         self.position_encoding = CLOCPositionEncoding(config)
         self.box_encoding = config.box_encoding
         self.prompt_position = config.prompt_position
+        self.use_type_embeddings = config.type_embeddings
         # top-left, bottom-right (+ centre with box_encoding="corners_center")
         self.corner_embeddings = nn.Embedding(3 if config.box_encoding == "corners_center" else 2, hidden)
         self.point_embedding = nn.Embedding(1, hidden)
@@ -85,6 +89,8 @@ class CLOCPromptEncoder(nn.Module):
     def _place(self, codes: torch.Tensor, types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(content, position)`` of prompt tokens from their position codes and type embeddings."""
         codes = codes.to(types.dtype)
+        if not self.use_type_embeddings:
+            types = torch.zeros_like(types)
         if self.prompt_position == "attention":
             return types.expand_as(codes), codes
         return codes + types, torch.zeros_like(codes)
@@ -143,7 +149,8 @@ class CLOCPrompterLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``queries (B, Q, d)``, ``keys (B, K, d)``, positions of the same shapes (or broadcastable),
-        ``attention_mask (B, Q, K)`` bool, True = may attend. Returns ``(B, Q, d)``."""
+        ``attention_mask (B, Q, K)``: bool (True = may attend) or an additive float bias.
+        Returns ``(B, Q, d)``."""
         hq = self.layer_norm1(queries)
         hk = self.layer_norm1(keys)
         q = self._heads(self.q_proj(hq + query_pos))
@@ -189,18 +196,28 @@ class CLOCPrompter(nn.Module):
         codes = self.prompt_encoder.position_encoding(centres).to(dtype)
         return torch.cat([codes.new_zeros(1, hidden), codes], dim=0)
 
+    def box_key_bias(self, boxes: torch.Tensor, num_tokens: int, dtype) -> torch.Tensor:
+        """``(R, 1 + N)`` additive attention bias of each box on [class token; patch tokens]:
+        ``-box_attention_bias`` on patches whose centre lies outside the box, 0 elsewhere."""
+        centres = patch_centres(grid_side(num_tokens - 1)).to(boxes.device, boxes.dtype)  # (N, 2)
+        x, y = centres[None, :, 0], centres[None, :, 1]
+        inside = (x >= boxes[:, 0:1]) & (x <= boxes[:, 2:3]) & (y >= boxes[:, 1:2]) & (y <= boxes[:, 3:4])
+        bias = (~inside).to(dtype) * -self.config.box_attention_bias
+        return torch.cat([bias.new_zeros(bias.shape[0], 1), bias], dim=1)
+
     def _pool_and_project(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled ``(R, hidden)`` -> region embeddings ``(R, projection_dim)`` (LayerNorm, projection)."""
         return self.projection(self.post_layernorm(pooled))
 
     # -- prompt-token pooling: the cheap mode --------------------------------------------------------
-    def _forward_prompt_pool(self, image_tokens, image_pos, prompts, prompt_pos, image_index):
+    def _forward_prompt_pool(self, image_tokens, image_pos, prompts, prompt_pos, image_index, key_bias=None):
         """Each region's prompt tokens attend to themselves and to its image's tokens.
 
         Regions are grouped per image and padded, so the image tokens' keys/values are computed once
         per image and layer, not once per region. For one layer this equals the full layer over
         ``[prompts ; image tokens]`` restricted to the prompt rows; with more layers the image tokens
-        act as a fixed memory (a decoder), since their updates are never pooled.
+        act as a fixed memory (a decoder), since their updates are never pooled. ``key_bias``
+        ``(R, 1 + N)``: an additive bias of each region's attention logits on the image tokens.
         """
         batch, num_img_tokens, hidden = image_tokens.shape
         num_regions, per_region, _ = prompts.shape
@@ -222,6 +239,13 @@ class CLOCPrompter(nn.Module):
         mask = torch.cat(
             [same_region[None].expand(batch, num_q, num_q), same_region.new_ones(batch, num_q, num_img_tokens)], dim=-1
         )
+        if key_bias is not None:
+            padded_bias = key_bias.new_zeros(batch, max_count, num_img_tokens)
+            padded_bias[image_index, slot] = key_bias
+            image_bias = padded_bias.repeat_interleave(per_region, dim=1)  # (B, Q, 1 + N)
+            own = mask[..., :num_q]
+            prompt_bias = torch.zeros(own.shape, dtype=key_bias.dtype, device=own.device).masked_fill(~own, -math.inf)
+            mask = torch.cat([prompt_bias, image_bias], dim=-1)
         key_pos = torch.cat([query_pos, image_pos.expand(batch, -1, -1)], dim=1)
         for layer in self.layers:
             queries = layer(queries, query_pos, torch.cat([queries, image_tokens], dim=1), key_pos, mask)
@@ -229,15 +253,22 @@ class CLOCPrompter(nn.Module):
         return out.mean(dim=1)
 
     # -- all-token pooling ---------------------------------------------------------------------------
-    def _forward_all_pool(self, image_tokens, image_pos, prompts, prompt_pos, image_index):
-        """Every region runs the layer(s) over ``[its prompts ; all image tokens]`` and pools all outputs."""
+    def _forward_all_pool(self, image_tokens, image_pos, prompts, prompt_pos, image_index, key_bias=None):
+        """Every region runs the layer(s) over ``[its prompts ; all image tokens]`` and pools all outputs.
+
+        ``key_bias`` ``(R, 1 + N)`` biases the prompt tokens' attention logits on the image tokens."""
         pooled = []
+        per_region = prompts.shape[1]
         for start in range(0, prompts.shape[0], self.config.region_chunk_size):
             idx = slice(start, start + self.config.region_chunk_size)
             x = torch.cat([prompts[idx], image_tokens[image_index[idx]]], dim=1)
             pos = torch.cat([prompt_pos[idx], image_pos.expand(x.shape[0], -1, -1)], dim=1)
+            mask = None
+            if key_bias is not None:
+                mask = x.new_zeros(x.shape[0], x.shape[1], x.shape[1])
+                mask[:, :per_region, per_region:] = key_bias[idx, None, :]
             for layer in self.layers:
-                x = layer(x, pos, x, pos, None)
+                x = layer(x, pos, x, pos, mask)
             pooled.append(x.mean(dim=1))
         return torch.cat(pooled, dim=0)
 
@@ -253,7 +284,8 @@ class CLOCPrompter(nn.Module):
         boxes: torch.Tensor | None = None,
         points: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_pooled: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Region embeddings for one kind of prompt.
 
         Args:
@@ -262,15 +294,18 @@ class CLOCPrompter(nn.Module):
             boxes: ``(R, 4)`` normalised xyxy, or
             points: ``(R, 2)`` normalised xy, or
             text_embeds: ``(R, projection_dim)`` projected text embeddings.
+            return_pooled: also return the pooled ``(R, hidden)`` state before the LayerNorm and
+                projection (what a ``box_head_input="pooled"`` box head reads).
         Returns:
-            ``(R, projection_dim)`` region embeddings (not normalised).
+            ``(R, projection_dim)`` region embeddings (not normalised), and the pooled state when asked.
         """
         given = [x is not None for x in (boxes, points, text_embeds)]
         if sum(given) != 1:
             raise ValueError("give exactly one of boxes, points or text_embeds to the Prompter")
         hidden = self.config.hidden_size
         if image_index.numel() == 0:
-            return image_tokens.new_zeros(0, self.projection.out_features)
+            empty = image_tokens.new_zeros(0, self.projection.out_features)
+            return (empty, image_tokens.new_zeros(0, hidden)) if return_pooled else empty
         tokens = self.image_adapter(image_tokens)
         if self.config.prompter_type == "roi_align":
             if text_embeds is not None:
@@ -278,7 +313,8 @@ class CLOCPrompter(nn.Module):
             if points is not None:  # a point reads the patch cell around it
                 half = 0.5 / grid_side(image_tokens.shape[1] - 1)
                 boxes = torch.cat([points - half, points + half], dim=-1).clamp(0, 1)
-            return self._pool_and_project(self._forward_roi(tokens, boxes.to(tokens.dtype), image_index))
+            pooled = self._forward_roi(tokens, boxes.to(tokens.dtype), image_index)
+            return (self._pool_and_project(pooled), pooled) if return_pooled else self._pool_and_project(pooled)
 
         if boxes is not None:
             prompts, prompt_pos = self.prompt_encoder.embed_boxes(boxes)
@@ -289,30 +325,37 @@ class CLOCPrompter(nn.Module):
         prompts, prompt_pos = prompts.to(tokens.dtype), prompt_pos.to(tokens.dtype)
         image_pos = self.image_positions(tokens.shape[1], tokens.device, tokens.dtype)
         assert image_pos.shape == (tokens.shape[1], hidden)
-        if self.config.pooling == "prompt":
-            pooled = self._forward_prompt_pool(tokens, image_pos, prompts, prompt_pos, image_index)
-        else:
-            pooled = self._forward_all_pool(tokens, image_pos, prompts, prompt_pos, image_index)
-        return self._pool_and_project(pooled)
+        key_bias = None
+        if boxes is not None and self.config.box_attention_bias > 0:
+            key_bias = self.box_key_bias(boxes.to(tokens.dtype), tokens.shape[1], tokens.dtype)
+        pool = self._forward_prompt_pool if self.config.pooling == "prompt" else self._forward_all_pool
+        pooled = pool(tokens, image_pos, prompts, prompt_pos, image_index, key_bias)
+        embeds = self._pool_and_project(pooled)
+        return (embeds, pooled) if return_pooled else embeds
 
 
 class CLOCBoxHead(nn.Module):
-    """2-layer MLP (GELU) from a text prompt's region embedding to a normalised xyxy box.
+    """2-layer MLP (GELU) from a text prompt's region state to a normalised xyxy box.
 
-    The MLP predicts ``(cx, cy, w, h)`` through a sigmoid, which keeps every box inside the frame
-    and non-degenerate; it is returned as xyxy.
+    The MLP predicts ``(cx, cy, w, h)`` through a sigmoid (a non-degenerate box centred inside the
+    frame), returned as xyxy. ``in_features`` is the projection width when the head reads region
+    embeddings (the paper) or the Prompter width when it reads the pooled state; then it has its own
+    LayerNorm (``norm=True``) and clips boxes to the frame only in eval mode, because clipping during
+    training zeroes the gradient of a corner pushed outside the frame.
     """
 
-    def __init__(self, projection_dim: int, hidden: int):
+    def __init__(self, in_features: int, hidden: int, norm: bool = False, eps: float = 1e-5):
         super().__init__()
-        self.fc1 = nn.Linear(projection_dim, hidden)
+        self.norm = nn.LayerNorm(in_features, eps=eps) if norm else None
+        self.fc1 = nn.Linear(in_features, hidden)
         self.activation = nn.GELU()
         self.fc2 = nn.Linear(hidden, 4)
 
-    def forward(self, region_embeds: torch.Tensor) -> torch.Tensor:
-        """``(R, projection_dim)`` region embeddings -> ``(R, 4)`` normalised xyxy boxes."""
-        cxcywh = self.fc2(self.activation(self.fc1(region_embeds))).sigmoid()
-        return box_convert(cxcywh, "cxcywh", "xyxy").clamp(0, 1)
+    def forward(self, region_states: torch.Tensor) -> torch.Tensor:
+        """``(R, in_features)`` -> ``(R, 4)`` normalised xyxy boxes."""
+        x = region_states if self.norm is None else self.norm(region_states)
+        boxes = box_convert(self.fc2(self.activation(self.fc1(x))).sigmoid(), "cxcywh", "xyxy")
+        return boxes.clamp(0, 1) if self.norm is None or not self.training else boxes
 
 
 __all__ = ["CLOCBoxHead", "CLOCPositionEncoding", "CLOCPromptEncoder", "CLOCPrompter", "CLOCPrompterLayer"]

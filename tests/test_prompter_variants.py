@@ -1,0 +1,194 @@
+"""Prompter variants: position codes and their wavelengths, the paper's literal Prompter, the box
+prior on the attention, the pooled-state box head and grounding confidences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassClassValidationError
+
+import cloc_hf
+from cloc_hf.configuration_cloc import PROMPTER_PRESETS, CLOCPrompterConfig
+from cloc_hf.modeling_prompter import CLOCPositionEncoding
+from tests.conftest import make_token_ids
+
+
+def _codes(min_cycles=1.0, temperature=64.0, hidden=64):
+    config = CLOCPrompterConfig(hidden_size=hidden, position_min_cycles=min_cycles, position_temperature=temperature)
+    return CLOCPositionEncoding(config)
+
+
+def _model(**prompter):
+    torch.manual_seed(0)
+    config = cloc_hf.get_model_config("cloc-tiny")
+    config.prompter_config = CLOCPrompterConfig(**{**config.prompter_config.to_dict(), **prompter})
+    config = cloc_hf.CLOCConfig(**config.to_dict())
+    return cloc_hf.CLOCModel(config).eval()
+
+
+def test_first_release_codes_are_unchanged_and_alias_zero_with_one():
+    """min_cycles=1 keeps the saved models' codes (1..T cycles) and its lowest band cannot tell 0 from 1."""
+    enc = _codes(1.0, 64.0)
+    exponent = torch.arange(16, dtype=torch.float32) / 15
+    assert torch.equal(enc.frequencies, 64.0**exponent)
+    zero, one = enc(torch.tensor([0.0, 0.5])), enc(torch.tensor([1.0, 0.5]))
+    lowest = [0, 32]  # sin and cos of the x coordinate's lowest band
+    assert torch.allclose(zero[lowest], one[lowest], atol=1e-5)
+
+
+def test_half_cycle_codes_separate_the_frame_edges_and_are_smooth():
+    enc = _codes(0.5, 4.0)
+    assert enc.frequencies[0] == 0.5 and enc.frequencies[-1] == pytest.approx(4.0)
+    zero, one = enc(torch.tensor([0.0, 0.5])), enc(torch.tensor([1.0, 0.5]))
+    assert not torch.allclose(zero[[0, 32]], one[[0, 32]], atol=0.5)
+    def cos(a, b):
+        return F.cosine_similarity(enc(torch.tensor(a)), enc(torch.tensor(b)), dim=0).item()
+    near, far = cos([0.0, 0.0], [1 / 16, 1 / 16]), cos([0.0, 0.0], [0.9, 0.9])
+    assert near > 0.6 > 0.3 > far, (near, far)  # half a patch apart (8x8 grid) vs across the frame
+    # the fast codes of the first release do not have that property
+    enc_old = _codes(1.0, 64.0)
+    old_near = F.cosine_similarity(enc_old(torch.tensor([0.0, 0.0])), enc_old(torch.tensor([1 / 16, 1 / 16])), dim=0)
+    assert old_near < 0.5
+
+
+def test_temperature_none_is_half_the_patch_grid():
+    model = _model(position_temperature=None, position_min_cycles=0.5)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert model.config.prompter_config.position_temperature == grid / 2
+
+
+def test_invalid_variant_settings_name_the_field():
+    invalid = (ValueError, StrictDataclassClassValidationError)  # strict HF configs wrap the ValueError
+    with pytest.raises(invalid, match="position_min_cycles"):
+        CLOCPrompterConfig(position_min_cycles=100.0, position_temperature=8.0)
+    with pytest.raises(invalid, match="box_attention_bias"):
+        CLOCPrompterConfig(box_attention_bias=-1.0)
+    with pytest.raises(invalid, match="box_head_input"):
+        CLOCPrompterConfig(box_head_input="corners")
+    with pytest.raises(ValueError, match="unknown Prompter preset"):
+        CLOCPrompterConfig.preset("fast")
+
+
+def test_paper_preset_is_the_literal_prompter():
+    config = CLOCPrompterConfig.preset("paper")
+    assert (config.prompt_position, config.type_embeddings, config.image_position_encoding) == ("token", False, False)
+    model = _model(**PROMPTER_PRESETS["paper"])
+    image = torch.randn(1, 3, 32, 32)
+    boxes = [torch.tensor([[0.1, 0.1, 0.6, 0.7]])]
+    with torch.no_grad():
+        before = model.get_region_features(image, boxes=boxes)[0]
+        model.prompter.prompt_encoder.corner_embeddings.weight.add_(1.0)  # unused without type embeddings
+        after = model.get_region_features(image, boxes=boxes)[0]
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("pooling", ["prompt", "all"])
+def test_box_prior_limits_attention_to_the_box(pooling):
+    """With a strong prior the box's prompt tokens read only the patches inside it (and the class token)."""
+    model = _model(box_attention_bias=1e4, pooling=pooling)
+    side = 8  # cloc-tiny: 32 px, patch 4
+    tokens = torch.randn(2, 1 + side * side, model.vision_embed_dim)
+    boxes = [torch.tensor([[0.0, 0.0, 0.5, 0.5]]), torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])]
+    changed = tokens.clone()
+    grid = changed[0, 1:].view(side, side, -1)
+    grid[side // 2 :, :] = torch.randn_like(grid[side // 2 :, :])  # rows outside image 0's box (its bottom half)
+    with torch.no_grad():
+        ref = model.get_region_features(vision_outputs=tokens, boxes=boxes)
+        new = model.get_region_features(vision_outputs=changed, boxes=boxes)
+    if pooling == "prompt":
+        assert torch.allclose(ref[0], new[0], atol=1e-5), "outside patches leaked through the prior"
+    torch.testing.assert_close(ref[1], new[1])  # image 1 untouched
+    unbiased = _model(pooling=pooling)
+    with torch.no_grad():
+        a = unbiased.get_region_features(vision_outputs=tokens, boxes=boxes)[0]
+        b = unbiased.get_region_features(vision_outputs=changed, boxes=boxes)[0]
+    assert not torch.allclose(a, b, atol=1e-3), "without the prior the whole image is read"
+
+
+def test_box_prior_leaves_text_and_point_prompts_alone():
+    biased, plain = _model(box_attention_bias=4.0), _model()
+    biased.load_state_dict(plain.state_dict())
+    image = torch.randn(1, 3, 32, 32)
+    ids = make_token_ids(1)
+    with torch.no_grad():
+        assert torch.equal(biased.ground(image, ids), plain.ground(image, ids))
+        points = [torch.tensor([[0.3, 0.4]])]
+        assert torch.equal(
+            biased.get_region_features(image, points=points)[0], plain.get_region_features(image, points=points)[0]
+        )
+
+
+def test_pooled_box_head_keeps_gradients_outside_the_frame():
+    model = _model(box_head_input="pooled").train()
+    head = model.box_head
+    assert head.norm is not None and head.fc1.in_features == model.config.prompter_config.hidden_size
+    with torch.no_grad():  # push the predicted centre to the left edge: x1 = cx - w/2 < 0
+        head.fc2.bias.copy_(torch.tensor([-8.0, 0.0, 2.0, 0.0]))
+    states = torch.randn(3, head.fc1.in_features, requires_grad=True)
+    boxes = head(states)
+    assert (boxes[:, 0] < 0).all(), "training-mode boxes are not clipped"
+    boxes[:, 0].sum().backward()
+    assert states.grad.abs().sum() > 0
+    head.eval()
+    assert (head(states)[:, 0] >= 0).all(), "eval-mode boxes are clipped to the frame"
+
+
+def test_ground_scores_are_the_similarity_at_the_predicted_box():
+    model = _model(box_head_input="pooled")
+    image = torch.randn(2, 3, 32, 32)
+    ids = make_token_ids(2)
+    with torch.no_grad():
+        out = model.ground(image, ids, return_scores=True)
+        assert out.pred_boxes.shape == (2, 4) and out.scores.shape == (2,)
+        assert torch.equal(out.pred_boxes, model.ground(image, ids))
+        regions = torch.cat(model.get_region_features(image, boxes=list(out.pred_boxes[:, None])))
+        text = model.get_text_features(input_ids=ids).pooler_output
+        torch.testing.assert_close(out.scores, F.cosine_similarity(regions, text, dim=-1))
+        listed = model.ground(image, [ids[:1], ids], return_scores=True)
+    assert [s.shape for s in listed.scores] == [(1,), (2,)]
+    assert [b.shape for b in listed.pred_boxes] == [(1, 4), (2, 4)]
+
+
+def test_local_preset_trains_one_step():
+    model = _model(**PROMPTER_PRESETS["local"]).train()
+    ids = make_token_ids(2)
+    out = model(
+        input_ids=ids,
+        pixel_values=torch.randn(2, 3, 32, 32),
+        region_boxes=[torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.tensor([[0.2, 0.3, 0.9, 0.8], [0.0, 0.0, 0.4, 0.4]])],
+        region_input_ids=[make_token_ids(1, seed=1), make_token_ids(2, seed=2)],
+        return_loss=True,
+    )
+    assert out.loss_grounding > 0
+    out.loss.backward()
+    assert model.box_head.norm.weight.grad is not None
+    assert model.prompter.layers[0].q_proj.weight.grad.abs().sum() > 0
+
+
+def test_joint_text_pass_matches_separate_passes():
+    """Captions and phrases in one text-tower call give the same loss and gradients as two calls."""
+    separate = _model()
+    config = cloc_hf.CLOCConfig(**{**separate.config.to_dict(), "joint_text_pass": True})
+    joint = cloc_hf.CLOCModel(config).eval()
+    joint.load_state_dict(separate.state_dict())
+    inputs = dict(
+        input_ids=make_token_ids(2, length=12),
+        pixel_values=torch.randn(2, 3, 32, 32),
+        region_boxes=[torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.tensor([[0.2, 0.3, 0.9, 0.8], [0.0, 0.0, 0.4, 0.4]])],
+        region_input_ids=[make_token_ids(1, length=6, seed=1), make_token_ids(2, length=6, seed=2)],
+        return_loss=True,
+    )
+    calls = []
+    joint.text_model.register_forward_hook(lambda *a: calls.append(1))
+    out_sep, out_joint = separate(**inputs), joint(**inputs)
+    assert len(calls) == 1
+    for key in ("loss", "loss_clip", "loss_region", "loss_grounding"):
+        torch.testing.assert_close(out_joint[key], out_sep[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_joint.text_model_output.pooler_output, out_sep.text_model_output.pooler_output)
+    out_sep.loss.backward()
+    out_joint.loss.backward()
+    torch.testing.assert_close(
+        joint.text_model.embeddings.token_embedding.weight.grad,
+        separate.text_model.embeddings.token_embedding.weight.grad, rtol=1e-4, atol=1e-6,
+    )
