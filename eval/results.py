@@ -18,6 +18,20 @@ synthetic scenes ``region_colour_acc`` and ``region_shape_acc``). Metric values 
 ``rec_head_acc50``     REC Acc@0.5 of the box head (``"cloc"`` row of a model with a box head)
 =====================  ==================================================================
 
+MLLM rows (``eval.mllm_rec.mllm_rows``: one per evaluated MLLM and REC split, ``name`` naming the
+MLLM, e.g. its tower) use ``rec_acc50`` for the Acc@0.5 of the **generated** box (scored as lmms-eval
+scores RefCOCO) and the keys of :data:`MLLM_FIELDS`; they are not part of :data:`ROW_KEYS`, so rows
+of region methods do not carry them:
+
+=====================  ==================================================================
+``split``              the REC split the row's REC numbers are of (``"-"`` without REC)
+``rec_center_acc``     REC centre accuracy of the generated box
+``rec_miou``           REC mean IoU of the generated box (unparsable answers count 0)
+``parse_fail``         percent of REC answers without a readable box (scored as ``[0, 0, 0, 0]``)
+``ref_cls_acc``        referring classification accuracy (exact match with the right option)
+``ref_desc_acc``       referring description accuracy (exact match with the region's phrase)
+=====================  ==================================================================
+
 :data:`FIELDS` holds the same table as data (column title, meaning, and the task and metric ids a
 Hugging Face ``model-index`` files it under), so the reports (``eval.report``) and the model cards
 (``model_cards``) read the keys from here instead of each keeping a list. Image-level numbers
@@ -87,6 +101,7 @@ REGION_RETRIEVAL = HubTask("region-text-retrieval", "Region-text retrieval")
 IMAGE_RETRIEVAL = HubTask("image-text-retrieval", "Image-text retrieval")
 ZERO_SHOT = HubTask("zero-shot-image-classification", "Zero-shot image classification")
 REC = HubTask("referring-expression-comprehension", "Referring expression comprehension")
+REFERRING = HubTask("referring-classification", "Referring classification and description")
 
 
 @dataclass(frozen=True)
@@ -132,6 +147,20 @@ FIELDS: tuple[RowField, ...] = (
              REC, "accuracy", "REC Acc@0.5, box head", "box-head", _IOU50),
 )
 ROW_KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS)
+# Keys of MLLM rows only (eval.mllm_rec), kept out of ROW_KEYS so region-method rows stay as they are.
+MLLM_FIELDS: tuple[RowField, ...] = (
+    RowField("split", "split", "the REC split of the row's REC numbers"),
+    RowField("rec_center_acc", "REC centre acc", "REC centre accuracy of the generated box",
+             REC, "accuracy", "REC centre accuracy, generated box", "generation-center"),
+    RowField("rec_miou", "REC mIoU", "REC mean IoU of the generated box",
+             REC, "iou", "REC mean IoU, generated box", "generation"),
+    RowField("parse_fail", "parse failures", "percent of REC answers without a readable box",
+             REC, "parse_failure_rate", "REC answers without a box", "generation"),
+    RowField("ref_cls_acc", "referring cls acc", "referring classification accuracy (exact match)",
+             REFERRING, "accuracy", "Referring classification accuracy", "classification"),
+    RowField("ref_desc_acc", "referring desc acc", "referring description accuracy (exact phrase match)",
+             REFERRING, "accuracy", "Referring description accuracy", "description"),
+)
 ID_KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS if not f.is_metric)  # keys naming the row
 _ATTR_PREFIX, _ATTR_SUFFIX = "region_", "_acc"
 
@@ -142,7 +171,7 @@ def attribute_key(attribute: str) -> str:
 
 
 def _fixed_field(key: str) -> RowField | None:
-    return next((f for f in FIELDS if f.key == key), None)
+    return next((f for f in (*FIELDS, *MLLM_FIELDS) if f.key == key), None)
 
 
 def _attribute_of(key: str) -> str | None:
@@ -178,7 +207,7 @@ def summary_columns(rows: Sequence[Mapping[str, Any]], *, extra: bool = True) ->
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    fixed = [f.key for f in FIELDS]
+    fixed = [f.key for f in (*FIELDS, *MLLM_FIELDS)]
     attrs = [k for k in keys if _attribute_of(k) is not None]
     others = [k for k in keys if k not in fixed and k not in attrs] if extra else []
     ordered: list[str] = []
