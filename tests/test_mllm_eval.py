@@ -23,6 +23,7 @@ from eval.mllm_generate import HFGenerator, cut_at_stop, wrap_question
 from eval.mllm_rec import (
     INSTRUCTION_REC_TEMPLATE,
     LMMS_EVAL_PROMPT,
+    RecExample,
     evaluate_rec_generation,
     evaluate_referring,
     mllm_rows,
@@ -366,3 +367,54 @@ def test_lmms_entry_point_is_declared():
     from eval.lmms_plugin import manifest
 
     assert manifest().simple_class_path == "eval.lmms_plugin.CLOCLlavaLMMS"
+
+
+def test_scores_match_lmms_eval_on_its_refcoco_task(tmp_path, monkeypatch):
+    """Where lmms-eval is installed: its own refcoco REC task (the template yaml, pointed at a local
+    parquet in the lmms-lab layout) run through the plugin with known answers scores what score_rec does."""
+    lmms_eval = pytest.importorskip("lmms_eval")
+    import datasets
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    sizes, boxes = [(200, 100), (64, 48), (50, 90)], [[0, 0, 100, 50], [8, 4, 30, 20], [10, 20, 20, 30]]
+    rows = [{"question_id": f"q{i}", "image": _image(*sizes[i], seed=i), "answer": [f"cat {i}", f"dog {i}"],
+             "bbox": [float(v) for v in boxes[i]]} for i in range(3)]
+    features = datasets.Features({"question_id": datasets.Value("string"), "image": datasets.Image(),
+                                  "answer": datasets.Sequence(datasets.Value("string")),
+                                  "bbox": datasets.Sequence(datasets.Value("float64"))})
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "val.parquet"))
+    template = Path(lmms_eval.__file__).parent / "tasks" / "refcoco" / "_default_template_bbox_rec_yaml"
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "local.yaml").write_text(
+        f"include: {template}\ntask: local_rec_val\ndataset_path: parquet\n"
+        f"dataset_kwargs:\n  data_files:\n    val: {tmp_path / 'val.parquet'}\n  cache_dir: {tmp_path / 'cache'}\ntest_split: val\n")
+    answers = ["[0.0, 0.0, 0.5, 0.5]", "no box", "[0.1 , 0.2, 0.3, 0.4]", "at [0.2,0.2, 0.6,0.7] or [0,0,1,1]",
+               "[0.5, 0.5, 0.25, 1.0]", "[0.1, 0.05, 0.5, 0.5]"]
+    seen = []
+
+    def stub(contexts, images, max_new_tokens=None, until=None):
+        seen.extend(zip(contexts, images))
+        return [answers[(len(seen) - len(contexts) + k) % len(answers)] for k in range(len(contexts))]
+
+    lm = CLOCLlavaLMMS(model=_model(), processor=_processor(), batch_size=4)
+    stub.max_new_tokens = 8  # the plugin reads the generator's default budget
+    lm.generator = stub
+    out = simple_evaluate(model=lm, tasks=["local_rec_val"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                          log_samples=True, batch_size=4)
+    theirs = out["results"]["local_rec_val"]
+    examples, given = [], []
+    for sample in out["samples"]["local_rec_val"]:
+        doc = sample["doc"]
+        i = int(doc["question_id"][1:])
+        x, y, w, h = boxes[i]
+        examples.append(RecExample(doc["question_id"], None, *sizes[i], doc["answer"], (x, y, x + w, y + h), "val"))
+        resp = sample["resps"][0]
+        given.append(resp[0] if isinstance(resp, list) else resp)
+    assert len(examples) == 6 and all(c.startswith(LMMS_EVAL_PROMPT) for c, _ in seen)
+    ours = score_rec(given, examples, prompt_style("lmms_eval"))[0]["val"]
+    for metric, key in (("IoU", "miou"), ("ACC@0.1", "acc@0.1"), ("ACC@0.3", "acc@0.3"), ("ACC@0.5", "acc@0.5"),
+                        ("ACC@0.7", "acc@0.7"), ("ACC@0.9", "acc@0.9"), ("Center_ACC", "center_acc")):
+        assert theirs[f"refcoco_{metric},none"] == pytest.approx(ours[key] / 100, abs=1e-12), metric
+    assert ours["parse_fail"] == pytest.approx(100 * 2 / 6)
