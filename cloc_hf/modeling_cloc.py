@@ -13,7 +13,6 @@ into that frame and back.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,11 +21,12 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPTextModel
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils import can_return_tuple
 
 from .box_ops import validate_boxes, validate_points
 from .configuration_cloc import CLOCConfig
 from .loss import cloc_losses
+from .modeling_outputs import CLOCGroundingOutput, CLOCOutput  # noqa: F401 (re-exported)
 from .modeling_prompter import (  # noqa: F401 (re-exported: `from cloc_hf.modeling_cloc import ...` keeps working)
     CLOCBoxHead,
     CLOCPositionEncoding,
@@ -35,77 +35,7 @@ from .modeling_prompter import (  # noqa: F401 (re-exported: `from cloc_hf.model
     CLOCPrompterLayer,
 )
 from .modeling_vision import CLOCConvStemPatchEmbedding, CLOCVisionModel, _init_conv_stem  # noqa: F401 (re-exported)
-from .prompts import flatten_per_image, padded_to_per_image, split_per_image
-
-# --------------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CLOCGroundingOutput(ModelOutput):
-    r"""Output of :meth:`CLOCModel.ground` with ``return_scores=True``.
-
-    Args:
-        pred_boxes (`(B, 4)` or a list of `(t_i, 4)`): normalised xyxy boxes in the model frame.
-        scores (`(B,)` or a list of `(t_i,)`): cosine similarity between each phrase's text embedding
-            and the region embedding of its predicted box; higher means the box holds what the
-            phrase names.
-    """
-
-    pred_boxes: Any = None
-    scores: Any = None
-
-
-@dataclass
-class CLOCOutput(ModelOutput):
-    r"""Output of :meth:`CLOCModel.forward`.
-
-    Args:
-        loss (`torch.FloatTensor` of shape `()`): `loss_clip + lambda * frac * (loss_region + loss_grounding)`.
-        loss_clip (`()`): symmetric image-text InfoNCE.
-        loss_region (`()`): symmetric region-text InfoNCE with batch-wide negatives (0 without regions).
-        loss_grounding (`()`): box-head regression loss (0 without regions or when disabled).
-        region_weight (`()`): `lambda * frac`, frac = fraction of images with at least one region.
-        logits_per_image (`(B, T)`), logits_per_text (`(T, B)`): scaled cosine similarities.
-        image_embeds (`(B, D)`), text_embeds (`(T, D)`): L2-normalised.
-        region_embeds (`(R, D)`): L2-normalised box-prompt region embeddings of all regions, image by
-            image (the per-image `region_boxes` concatenated).
-        region_text_embeds (`(R, D)`): L2-normalised embeddings of the regions' phrases.
-        point_region_embeds (`(R, D)`): point-prompt (box centre) embeddings when `point_prompt_loss`.
-        region_image_index (`(R,)`): image each region belongs to.
-        region_target_boxes (`(R, 4)`): the valid regions' boxes (grounding targets).
-        images_with_regions (`(B,)`): which images carry at least one region.
-        pred_boxes (`(R, 4)`): box-head predictions (normalised xyxy) for the region phrases.
-        text_model_output, vision_model_output: the towers' outputs.
-    """
-
-    loss: torch.FloatTensor | None = None
-    loss_clip: torch.FloatTensor | None = None
-    loss_region: torch.FloatTensor | None = None
-    loss_grounding: torch.FloatTensor | None = None
-    region_weight: torch.FloatTensor | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    logits_per_text: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
-    region_embeds: torch.FloatTensor | None = None
-    region_text_embeds: torch.FloatTensor | None = None
-    point_region_embeds: torch.FloatTensor | None = None
-    region_image_index: torch.LongTensor | None = None
-    region_target_boxes: torch.FloatTensor | None = None
-    images_with_regions: torch.BoolTensor | None = None
-    pred_boxes: torch.FloatTensor | None = None
-    text_model_output: BaseModelOutputWithPooling | None = None
-    vision_model_output: BaseModelOutputWithPooling | None = None
-
-    def to_tuple(self) -> tuple[Any]:
-        """As ``ModelOutput.to_tuple``, with the towers' outputs turned into tuples too (CLIP does the same)."""
-        return tuple(
-            self[k] if k not in ("text_model_output", "vision_model_output") else getattr(self, k).to_tuple()
-            for k in self.keys()
-        )
-
+from .prompts import flatten_per_image, flatten_phrases, padded_to_per_image, split_per_image
 
 # --------------------------------------------------------------------------------------------------
 # Pre-trained model base
@@ -167,21 +97,6 @@ def _image_tokens(vision_outputs) -> torch.Tensor:
     if tokens is None:
         raise ValueError("vision_outputs must be a ViT output with `last_hidden_state` or a (B, 1+N, d) tensor")
     return tokens
-
-
-def _phrase_rows(input_ids, attention_mask, batch: int, name: str, device):
-    """Per-image phrase lists (``input_ids[i]`` a ``(t_i, L)`` tensor) -> flat ids, flat mask, image index,
-    counts; the mask list, when given, must match the ids list image by image."""
-    ids = flatten_per_image(input_ids, batch, name, device=device)
-    mask = None
-    if attention_mask is not None:
-        mask = flatten_per_image(attention_mask, batch, name.replace("input_ids", "attention_mask"), device=device)
-        if mask.values.shape != ids.values.shape:
-            raise ValueError(
-                f"{name} and its attention mask disagree: {[tuple(t.shape) for t in input_ids]} vs "
-                f"{[tuple(t.shape) for t in attention_mask]}"
-            )
-    return ids.values, None if mask is None else mask.values, ids.image_index, ids.counts
 
 
 def _from_padded(region_mask, region_boxes, region_input_ids, region_attention_mask):
@@ -361,7 +276,7 @@ class CLOCModel(CLOCPreTrainedModel):
                 )
             input_ids = input_ids[:, None]
             attention_mask = attention_mask[:, None] if attention_mask is not None else None
-        ids, mask, index, counts = _phrase_rows(input_ids, attention_mask, batch, "input_ids", tokens.device)
+        ids, mask, index, counts = flatten_phrases(input_ids, attention_mask, batch, "input_ids", tokens.device)
         boxes, scores = self._ground_rows(tokens, ids, mask, index, return_scores)
         if not single:
             boxes = split_per_image(boxes, counts)
@@ -482,7 +397,7 @@ class CLOCModel(CLOCPreTrainedModel):
             raise ValueError("region_boxes needs region_input_ids: one (n_i, L) tensor of phrases per image")
         batch = tokens.shape[0]
         flat = flatten_per_image(region_boxes, batch, "region_boxes", validate_boxes, device=tokens.device)
-        phrase_ids, phrase_mask, _, phrase_counts = _phrase_rows(
+        phrase_ids, phrase_mask, _, phrase_counts = flatten_phrases(
             region_input_ids, region_attention_mask, batch, "region_input_ids", tokens.device
         )
         if phrase_counts != flat.counts:

@@ -122,4 +122,19 @@ def per_image_to_padded(
     return padded, mask
 
 
-__all__ = ["FlatPrompts", "flatten_per_image", "padded_to_per_image", "per_image_to_padded", "split_per_image"]
+def flatten_phrases(input_ids, attention_mask, batch: int, name: str, device):
+    """Per-image phrase lists (``input_ids[i]`` a ``(t_i, L)`` tensor) -> flat ids, flat mask, image index,
+    counts; the mask list, when given, must match the ids list image by image."""
+    ids = flatten_per_image(input_ids, batch, name, device=device)
+    mask = None
+    if attention_mask is not None:
+        mask = flatten_per_image(attention_mask, batch, name.replace("input_ids", "attention_mask"), device=device)
+        if mask.values.shape != ids.values.shape:
+            raise ValueError(
+                f"{name} and its attention mask disagree: {[tuple(t.shape) for t in input_ids]} vs "
+                f"{[tuple(t.shape) for t in attention_mask]}"
+            )
+    return ids.values, None if mask is None else mask.values, ids.image_index, ids.counts
+
+
+__all__ = ["FlatPrompts", "flatten_per_image", "flatten_phrases", "padded_to_per_image", "per_image_to_padded", "split_per_image"]
