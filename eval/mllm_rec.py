@@ -221,7 +221,7 @@ def score_rec(
 
     ``metrics``: ``acc@t`` per threshold, ``miou``, ``center_acc``, ``parse_fail`` (percent of answers
     without a box), ``num_expressions``. ``predictions``: one dict per example (key, split, expression,
-    answer, parsed normalised box or ``None``, truth, IoU-free; enough to re-score).
+    answer, parsed normalised box or ``None``, normalised truth: enough to re-score).
     """
     if len(answers) != len(examples):
         raise ValueError(f"{len(answers)} answers for {len(examples)} examples")

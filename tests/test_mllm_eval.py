@@ -347,9 +347,12 @@ def test_lmms_plugin_generate_until_and_loglikelihood():
     greedy_text = "".join(" " + t for t in tok.convert_ids_to_tokens(greedy_ids))
     ll = lm.loglikelihood([SimpleNamespace(args=("where is the cat ?", greedy_text, lambda d: [d["image"]], 0,
                                                  "refcoco_bbox_rec_val", "val"))])
-    if len(tok(greedy_text, add_special_tokens=False)["input_ids"]) == 2:  # word-level: the tokens round-trip
-        assert ll[0][1] is True
-    assert ll[0][0] < 0 and math.isfinite(ll[0][0])
+    assert tok(greedy_text, add_special_tokens=False)["input_ids"] == greedy_ids.tolist()  # word-level round trip
+    assert ll[0][1] is True and ll[0][0] < 0 and math.isfinite(ll[0][0])
+    other = next(w for w in ("cat", "dog") if tok.convert_tokens_to_ids(w) != int(greedy_ids[0]))
+    worse = lm.loglikelihood([SimpleNamespace(args=("where is the cat ?", " " + other, lambda d: [d["image"]], 0,
+                                                    "refcoco_bbox_rec_val", "val"))])
+    assert worse[0][1] is False
     with pytest.raises(ValueError, match="unknown model_args"):
         CLOCLlavaLMMS(model=model, processor=processor, temperature=1)
     with pytest.raises(NotImplementedError):
@@ -418,3 +421,23 @@ def test_scores_match_lmms_eval_on_its_refcoco_task(tmp_path, monkeypatch):
                         ("ACC@0.7", "acc@0.7"), ("ACC@0.9", "acc@0.9"), ("Center_ACC", "center_acc")):
         assert theirs[f"refcoco_{metric},none"] == pytest.approx(ours[key] / 100, abs=1e-12), metric
     assert ours["parse_fail"] == pytest.approx(100 * 2 / 6)
+
+
+def test_cli_main_end_to_end_from_saved_checkpoint_and_shards(tmp_path, capsys):
+    """A saved tiny cloc_llava checkpoint + converter-style shards -> results per split (answers are garbage)."""
+    from cloc_data.shards import ShardWriter
+
+    with ShardWriter(tmp_path / "shards") as writer:
+        for sample in _samples():
+            writer.write(sample)
+    _model().save_pretrained(tmp_path / "ckpt")
+    _processor().save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    rc = mllm_cli.main(["--model", str(tmp_path / "ckpt"), "--shards", str(tmp_path / "shards"), "--out", str(out),
+                        "--batch-size", "2", "--max-new-tokens", "3", "--chat-format", "llava", "--no-progress"])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["split"] for r in rows] == ["val", "testA"] and all(r["parse_fail"] is not None for r in rows)
+    assert "| val |" in capsys.readouterr().out
+    assert mllm_cli.main(["--model", str(tmp_path / "missing"), "--shards", str(tmp_path / "shards"), "--out", str(out)]) == 1
+    assert "cloc-eval-mllm: error:" in capsys.readouterr().err
