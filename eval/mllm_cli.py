@@ -4,7 +4,8 @@ REC data (any of):
 
 * ``--refs refs(unc).p --instances instances.json --image-dir train2014/``: the refer toolkit layout;
 * ``--shards DIR|GLOB``: region-text shards the RefCOCO converter wrote (``cloc-data convert``), one
-  region per expression, ``meta["split"]`` per sample.
+  region per expression, ``meta["split"]`` per sample;
+* ``--rows val-00000-of-00004.parquet ...``: the lmms-lab ``RefCOCO*`` files lmms-eval itself reads.
 
 Referring classification / description: ``--instructions data.json`` (``cloc-mllm-data`` output; the
 images are looked up under ``--image-root``, default the file's folder).
@@ -37,6 +38,7 @@ from eval.mllm_rec import (
     prompt_style,
     rec_examples,
     rec_examples_from_refs,
+    rec_examples_from_rows,
 )
 from eval.results import jsonable, markdown_table, save_results
 
@@ -53,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--instances", help="COCO instances file of --refs")
     p.add_argument("--image-dir", help="folder of the images of --refs")
     p.add_argument("--shards", help="RefCOCO region-text shards (a folder, a glob or a .tar)")
+    p.add_argument("--rows", nargs="+", help="lmms-lab RefCOCO* parquet / JSON-lines files (images embedded)")
+    p.add_argument("--rows-split", default=None, help="split of --rows files whose name does not give it")
     p.add_argument("--splits", nargs="+", default=None, help="REC splits (default: all but train)")
     p.add_argument("--max-images", type=int, default=None, help="first images per split (--refs only)")
     p.add_argument("--max-examples", type=int, default=None, help="first expressions overall (quick runs)")
@@ -77,6 +81,8 @@ def _rec_data(args) -> list | None:
             raise ValueError("--refs, --instances and --image-dir go together")
         return rec_examples_from_refs(args.refs, args.instances, args.image_dir, splits=args.splits,
                                       max_images=args.max_images)
+    if args.rows:
+        return rec_examples_from_rows(args.rows, split=args.rows_split, splits=args.splits)
     if args.shards:
         from cloc_data.shards import iter_shard_samples, list_shards
 

@@ -210,6 +210,39 @@ def rec_examples_from_refs(
     return rec_examples((ref for views in data.values() for view in views for ref in view.refs), splits=splits)
 
 
+def rec_examples_from_rows(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    split: str | None = None,
+    splits: Sequence[str] | None = None,
+) -> list[RecExample]:
+    """lmms-lab ``RefCOCO*`` parquet / JSON-lines rows (the files lmms-eval reads, images embedded), read
+    by :func:`cloc_data.converters.refcoco.iter_refcoco_rows` -> examples; the image size is read from the
+    embedded image, as lmms-eval does. ``split`` as the converter takes it (the file's split when its name
+    does not give one); ``splits`` filters as in :func:`rec_examples`. A row without an embedded image
+    raises ``ValueError`` naming it (jxu124 rows: convert them with ``cloc-data convert`` first).
+    """
+    import io
+
+    import PIL.Image
+
+    from cloc_data.converters.common import SIZE_UNKNOWN, resolve_size
+    from cloc_data.converters.refcoco import iter_refcoco_rows
+    from cloc_data.shards import SkipCounter
+
+    skipped = SkipCounter("REC rows", max_logged_per_reason=5)
+    samples = []
+    for sample in iter_refcoco_rows(inputs, skipped, split=split):
+        if not isinstance(sample.image, (bytes, bytearray)):
+            raise ValueError(f"row {sample.key!r} has no embedded image; convert such rows with `cloc-data convert`")
+        if sample.meta.get(SIZE_UNKNOWN):
+            with PIL.Image.open(io.BytesIO(sample.image)) as img:
+                sample = resolve_size(sample, img.size, skipped)
+        if sample is not None:
+            samples.append(sample)
+    return rec_examples(samples, splits=splits)
+
+
 # --- scoring ----------------------------------------------------------------------------------------
 def score_rec(
     answers: Sequence[str],

@@ -30,6 +30,7 @@ from eval.mllm_rec import (
     prompt_style,
     rec_examples,
     rec_examples_from_refs,
+    rec_examples_from_rows,
     ref_cls_options,
     score_rec,
 )
@@ -441,3 +442,22 @@ def test_cli_main_end_to_end_from_saved_checkpoint_and_shards(tmp_path, capsys):
     assert "| val |" in capsys.readouterr().out
     assert mllm_cli.main(["--model", str(tmp_path / "missing"), "--shards", str(tmp_path / "shards"), "--out", str(out)]) == 1
     assert "cloc-eval-mllm: error:" in capsys.readouterr().err
+
+
+def test_rec_from_lmms_lab_rows_sizes_from_the_embedded_image(tmp_path):
+    """The parquet files lmms-eval reads: one example per answer, size from the image, split from the file name."""
+    import io
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    _image(40, 30).save(buf, format="PNG")
+    rows = [{"question_id": "12_3", "image": {"bytes": buf.getvalue(), "path": None}, "question": "prompt",
+             "answer": ["woman in red", "red shirt"], "segmentation": [], "bbox": [2.0, 3.0, 10.0, 12.0],
+             "iscrowd": 0, "file_name": "a.jpg"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "testB-00000-of-00001.parquet")
+    examples = rec_examples_from_rows(tmp_path / "testB-00000-of-00001.parquet")
+    assert [(e.expression, e.split, e.width, e.height) for e in examples] == [
+        ("woman in red", "testB", 40, 30), ("red shirt", "testB", 40, 30)]
+    assert examples[0].gt_normalised == (2 / 40, 3 / 30, 12 / 40, 15 / 30)
