@@ -65,7 +65,7 @@ class RegionTextDataset(Dataset):
     """Map-style dataset over region-text samples held in memory (images kept encoded or as PIL).
 
     ``__getitem__`` returns ``(index, sample)`` so the collator can seed region sampling per sample.
-    For corpora that do not fit in memory, stream shards with :func:`~cloc_data.shards.load_hf_dataset`.
+    For corpora that do not fit in memory, stream shards with :func:`~cloc_data.hf_datasets.load_hf_dataset`.
     """
 
     def __init__(self, samples: Sequence[RegionSample]):
@@ -224,7 +224,7 @@ class StreamingRegionTextDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, path, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000, seed: int = 0,
                  allow_eval_splits: bool = False):  # fmt: skip
-        from .shards import load_hf_dataset
+        from .hf_datasets import load_hf_dataset
 
         shards = list_shards(path)
         if len(shards) < world_size:
@@ -240,7 +240,7 @@ class StreamingRegionTextDataset(torch.utils.data.IterableDataset):
         self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
-        from .shards import hf_record_to_sample
+        from .hf_datasets import hf_record_to_sample
 
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)

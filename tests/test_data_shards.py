@@ -12,14 +12,13 @@ import pytest
 from PIL import Image
 
 from cloc_data.format import MalformedSample, Region, RegionSample
+from cloc_data.hf_datasets import hf_record_to_sample, load_hf_dataset
 from cloc_data.shards import (
     ShardWriter,
     SkipCounter,
     detect_image_extension,
-    hf_record_to_sample,
     iter_shard_samples,
     list_shards,
-    load_hf_dataset,
 )
 
 

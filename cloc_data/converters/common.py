@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from cloc_hf.box_ops import box_convert, validate_boxes
 from cloc_data.format import MalformedSample, Region, RegionSample
 from cloc_data.json_io import load_json  # noqa: F401  (re-exported: converters read JSON through it)
 from cloc_data.shards import SkipCounter
+from cloc_hf.box_ops import box_convert, validate_boxes
 
 SIZE_UNKNOWN = "size_unknown"
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cloc_hf.box_ops import box_iou
 from cloc_data.format import Region, RegionSample
 from cloc_data.synthetic.config import SPLITS, SyntheticSceneConfig, check_split, class_index, num_classes
 from cloc_data.synthetic.shapes import BACKGROUND_WORDS, draw_background, plural, shape_mask
+from cloc_hf.box_ops import box_iou
 
 DATASET_NAME = "synthetic"
 # Rejection-sampling budgets: positions tried per object, whole layouts tried per image.
