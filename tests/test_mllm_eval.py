@@ -373,6 +373,25 @@ def test_lmms_entry_point_is_declared():
     assert manifest().simple_class_path == "eval.lmms_plugin.CLOCLlavaLMMS"
 
 
+def test_lmms_eval_loads_the_plugin_by_name_from_a_checkpoint(tmp_path):
+    """Where lmms-eval is installed with this project: ``--model cloc_llava --model_args pretrained=...``."""
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.models import get_model
+
+    try:
+        cls = get_model("cloc_llava")
+    except ValueError:
+        pytest.skip("the project's entry points are not installed in this environment (pip install it)")
+    assert cls is CLOCLlavaLMMS
+    _model().save_pretrained(tmp_path / "ckpt")
+    _processor().save_pretrained(tmp_path / "ckpt")
+    lm = cls.create_from_arg_string(f"pretrained={tmp_path / 'ckpt'},chat_format=llava,max_new_tokens=2",
+                                    {"batch_size": 2, "device": "cpu"})
+    lm.task_dict = {"t": {"val": [{"image": _image(30, 20)}]}}
+    (answer,) = lm.generate_until([_request("where is the cat ?", {"until": ["ASSISTANT:"]}, 0, task="t")])
+    assert isinstance(answer, str) and lm.batch_size == 2
+
+
 def test_scores_match_lmms_eval_on_its_refcoco_task(tmp_path, monkeypatch):
     """Where lmms-eval is installed: its own refcoco REC task (the template yaml, pointed at a local
     parquet in the lmms-lab layout) run through the plugin with known answers scores what score_rec does."""
