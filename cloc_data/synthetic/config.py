@@ -177,6 +177,13 @@ class SyntheticSceneConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"SyntheticSceneConfig.{name}: {why} (got {getattr(self, name)!r})")
 
+        self._check_vocabulary(bad)
+        self._check_scenes(bad)
+        self._check_texts_and_splits(bad)
+        return self
+
+    def _check_vocabulary(self, bad) -> None:
+        """Shapes, colours and size classes."""
         if not isinstance(self.image_size, int) or self.image_size < 8:
             raise bad("image_size", "must be an integer >= 8")
         if not self.shapes:
@@ -206,6 +213,9 @@ class SyntheticSceneConfig:
                     "size_classes",
                     f"size class {name!r} gives objects under 3 px at image_size {self.image_size}",
                 )
+
+    def _check_scenes(self, bad) -> None:
+        """Object counts, probabilities and backgrounds."""
         if not 1 <= self.min_objects:
             raise bad("min_objects", "must be >= 1")
         if self.max_objects < self.min_objects:
@@ -228,6 +238,9 @@ class SyntheticSceneConfig:
             raise bad("background_tint", "must be in [0, 64]")
         if not 0 <= self.background_noise_std <= 64:
             raise bad("background_noise_std", "must be in [0, 64]")
+
+    def _check_texts_and_splits(self, bad) -> None:
+        """Captions, region phrases, referring expressions, seed and split sizes."""
         if not 1 <= self.caption_min_mentions:
             raise bad("caption_min_mentions", "must be >= 1")
         if self.caption_max_mentions < self.caption_min_mentions:
@@ -266,7 +279,6 @@ class SyntheticSceneConfig:
         for name in ("n_train", "n_val", "n_test"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
-        return self
 
     # --- derived values -------------------------------------------------------------------------
     def size_range_px(self, size_class: str) -> tuple[int, int]:
