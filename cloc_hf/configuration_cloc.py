@@ -34,11 +34,12 @@ PROMPTER_PRESETS: dict[str, dict] = {
     # embeddings, no position codes on the image keys
     "paper": {"prompt_position": "token", "type_embeddings": False, "image_position_encoding": False},
     # position codes without aliasing (half a cycle to half the patch grid per frame), a box prior on
-    # the attention, and a box head on the pooled state
+    # the attention, and a box head on the pooled state of text prompts whose values carry positions
     "local": {
         "position_min_cycles": 0.5,
         "position_temperature": None,
         "box_attention_bias": 4.0,
+        "text_value_positions": True,
         "box_head_input": "pooled",
     },
 }
@@ -132,6 +133,11 @@ class CLOCPrompterConfig(PreTrainedConfig):
             unbiased). 0 = no prior (the paper). A positive value gives the Prompter RoI-Align's
             locality from the first step while it keeps a learned pooling over the whole image
             (Mask2Former's masked attention, softened). Text and point prompts are never biased.
+        text_value_positions (`bool`, defaults to `False`):
+            In a *text* prompt's pass only, add the image tokens' position codes to the attention's
+            values too, so the pooled state records where the prompt looked (what a
+            `box_head_input="pooled"` box head needs to regress a box). Box, point and region
+            embeddings are unaffected; `False` = the paper's values, content only.
         box_head_input (`str`, defaults to `"region_embedding"`):
             What the box head reads. `"region_embedding"`: the text prompt's region embedding (the
             paper; the region-text loss keeps that embedding position-free, which starves the head).
@@ -182,6 +188,7 @@ class CLOCPrompterConfig(PreTrainedConfig):
     position_min_cycles: float = 1.0
     type_embeddings: bool = True
     box_attention_bias: float = 0.0
+    text_value_positions: bool = False
     box_head_input: str = "region_embedding"
     box_encoding: str = "corners"
     prompt_position: str = "attention"

@@ -147,15 +147,17 @@ class CLOCPrompterLayer(GradientCheckpointingLayer):
         keys: torch.Tensor,
         key_pos: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        value_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``queries (B, Q, d)``, ``keys (B, K, d)``, positions of the same shapes (or broadcastable),
-        ``attention_mask (B, Q, K)``: bool (True = may attend) or an additive float bias.
-        Returns ``(B, Q, d)``."""
+        ``attention_mask (B, Q, K)``: bool (True = may attend) or an additive float bias;
+        ``value_pos``: position codes also added to the values' inputs (default none: values carry
+        content only). Returns ``(B, Q, d)``."""
         hq = self.layer_norm1(queries)
         hk = self.layer_norm1(keys)
         q = self._heads(self.q_proj(hq + query_pos))
         k = self._heads(self.k_proj(hk + key_pos))
-        v = self._heads(self.v_proj(hk))
+        v = self._heads(self.v_proj(hk if value_pos is None else hk + value_pos))
         mask = attention_mask[:, None] if attention_mask is not None else None
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         attn = attn.transpose(1, 2).reshape(queries.shape)
@@ -210,7 +212,9 @@ class CLOCPrompter(nn.Module):
         return self.projection(self.post_layernorm(pooled))
 
     # -- prompt-token pooling: the cheap mode --------------------------------------------------------
-    def _forward_prompt_pool(self, image_tokens, image_pos, prompts, prompt_pos, image_index, key_bias=None):
+    def _forward_prompt_pool(
+        self, image_tokens, image_pos, prompts, prompt_pos, image_index, key_bias=None, value_positions=False
+    ):
         """Each region's prompt tokens attend to themselves and to its image's tokens.
 
         Regions are grouped per image and padded, so the image tokens' keys/values are computed once
@@ -248,12 +252,17 @@ class CLOCPrompter(nn.Module):
             mask = torch.cat([prompt_bias, image_bias], dim=-1)
         key_pos = torch.cat([query_pos, image_pos.expand(batch, -1, -1)], dim=1)
         for layer in self.layers:
-            queries = layer(queries, query_pos, torch.cat([queries, image_tokens], dim=1), key_pos, mask)
+            queries = layer(
+                queries, query_pos, torch.cat([queries, image_tokens], dim=1), key_pos, mask,
+                value_pos=key_pos if value_positions else None,
+            )
         out = queries.reshape(batch, max_count, per_region, hidden)[image_index, slot]  # (R, P, hidden)
         return out.mean(dim=1)
 
     # -- all-token pooling ---------------------------------------------------------------------------
-    def _forward_all_pool(self, image_tokens, image_pos, prompts, prompt_pos, image_index, key_bias=None):
+    def _forward_all_pool(
+        self, image_tokens, image_pos, prompts, prompt_pos, image_index, key_bias=None, value_positions=False
+    ):
         """Every region runs the layer(s) over ``[its prompts ; all image tokens]`` and pools all outputs.
 
         ``key_bias`` ``(R, 1 + N)`` biases the prompt tokens' attention logits on the image tokens."""
@@ -268,7 +277,7 @@ class CLOCPrompter(nn.Module):
                 mask = x.new_zeros(x.shape[0], x.shape[1], x.shape[1])
                 mask[:, :per_region, per_region:] = key_bias[idx, None, :]
             for layer in self.layers:
-                x = layer(x, pos, x, pos, mask)
+                x = layer(x, pos, x, pos, mask, value_pos=pos if value_positions else None)
             pooled.append(x.mean(dim=1))
         return torch.cat(pooled, dim=0)
 
@@ -329,7 +338,8 @@ class CLOCPrompter(nn.Module):
         if boxes is not None and self.config.box_attention_bias > 0:
             key_bias = self.box_key_bias(boxes.to(tokens.dtype), tokens.shape[1], tokens.dtype)
         pool = self._forward_prompt_pool if self.config.pooling == "prompt" else self._forward_all_pool
-        pooled = pool(tokens, image_pos, prompts, prompt_pos, image_index, key_bias)
+        value_positions = text_embeds is not None and self.config.text_value_positions
+        pooled = pool(tokens, image_pos, prompts, prompt_pos, image_index, key_bias, value_positions)
         embeds = self._pool_and_project(pooled)
         return (embeds, pooled) if return_pooled else embeds
 

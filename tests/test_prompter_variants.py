@@ -192,3 +192,14 @@ def test_joint_text_pass_matches_separate_passes():
         joint.text_model.embeddings.token_embedding.weight.grad,
         separate.text_model.embeddings.token_embedding.weight.grad, rtol=1e-4, atol=1e-6,
     )
+
+
+def test_text_value_positions_change_only_text_prompts():
+    """Position codes on the values reach the pooled state of text prompts, not box prompts."""
+    plain, with_pos = _model(), _model(text_value_positions=True)
+    with_pos.load_state_dict(plain.state_dict())
+    image, ids = torch.randn(1, 3, 32, 32), make_token_ids(1)
+    boxes = [torch.tensor([[0.1, 0.2, 0.6, 0.7]])]
+    with torch.no_grad():
+        assert torch.equal(plain.get_region_features(image, boxes=boxes)[0], with_pos.get_region_features(image, boxes=boxes)[0])
+        assert not torch.allclose(plain.ground(image, ids), with_pos.ground(image, ids))
