@@ -5,7 +5,10 @@
 #
 # 1. bf16 training step of cloc-vit-b-16 @224, CLOC vs its CLIP baseline at equal batch (256);
 # 2. region throughput of cloc-vit-l-14-336 in bf16 (image pass vs Prompter vs crop-and-encode);
-# 3. with --with-demo-long: `make demo-long`'s experiment (python -m cloc_demo.demo --preset long) on the
+# 3. the llava-1.5 geometry in bf16, forward + backward: CLOC ViT-L/14-336 tower vs a CLIP tower of the
+#    same size in LlavaForConditionalGeneration (1024 -> 4096 mlp2x_gelu projector, 2-layer Llama 4096 wide),
+#    and CLOCLlava with 16 <region> prompts vs none;
+# 4. with --with-demo-long: `make demo-long`'s experiment (python -m cloc_demo.demo --preset long) on the
 #    GPU, whose numbers match the CPU run's up to float non-determinism, in a fraction of the time.
 #
 # Uses the python3 that holds torch (CUDA build); the project is put on PYTHONPATH, nothing is installed
@@ -29,6 +32,11 @@ timeout 240 python3 benchmarks/train_step.py --arch cloc-vit-b-16 --batch-size 2
 echo "== region throughput: cloc-vit-l-14-336, bf16 =="
 timeout 200 python3 benchmarks/region_throughput.py --arch cloc-vit-l-14-336 --device cuda --dtype bf16 \
     --json "$OUT/region_throughput_l14_336_bf16_cuda.json" 2>&1 | tee "$OUT/region_throughput_l14_336_bf16_cuda.txt"
+
+echo "== llava-1.5 geometry: l14-336 tower, 4096-wide LM, bf16 autocast, forward + backward =="
+timeout 180 python3 benchmarks/llava_regions.py --vision l14-336 --device cuda --dtype bf16 --train \
+    --lm-width 4096 --lm-layers 2 --json "$OUT/llava_regions_l14_336_bf16_cuda_train.json" 2>&1 \
+    | tee "$OUT/llava_regions_l14_336_bf16_cuda_train.txt"
 
 if [[ "${1:-}" == "--with-demo-long" ]]; then
     echo "== demo-long on the GPU =="
