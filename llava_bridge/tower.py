@@ -22,6 +22,7 @@ See ``docs/llava.md`` for the user guide.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -29,17 +30,45 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig
+from transformers.initialization import no_init_weights
+from transformers.integrations import deepspeed_config, is_deepspeed_zero3_enabled
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
-from cloc_hf import CLOCConfig, CLOCImageProcessor, CLOCModel, CLOCVisionConfig, CLOCVisionModel
+from cloc_hf import CLOCConfig, CLOCImageProcessor, CLOCModel, CLOCPrompter, CLOCVisionConfig, CLOCVisionModel
 
 logger = logging.getLogger(__name__)
 
 SELECT_FEATURES = ("patch", "cls_patch")
 # where a LLaVA model keeps its tower: `model.vision_tower` inside `LlavaLlamaForCausalLM`
 DEFAULT_MLLM_PREFIX = "model.vision_tower."
-# parts of a full CLOC model a vision tower never uses (the Prompter and its projection stay)
-_UNUSED_PARTS = ("text_model", "text_projection", "vision_model")
+# where a full CLOC checkpoint keeps the two parts a tower builds (nothing else of it is read)
+_VIT_PREFIX, _PROMPTER_PREFIX = "vision_model.", "prompter."
+# MLLM weights saved with earlier versions of this tower, which kept the whole CLOC model minus its
+# text tower as `region_model`: these entries are not used by region features and are skipped on load
+_OLD_REGION_ENTRIES = ("region_model.visual_projection.", "region_model.logit_scale", "region_model.box_head.")
+# `load_model(device_map=...)` strings that mean "wherever there is room": a tower goes whole onto one device
+_AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+class CLOCRegionEncoder(nn.Module):
+    """The part of a full CLOC model a tower needs for region embeddings: the Prompter alone.
+
+    The text tower, the projections, ``logit_scale`` and the box head are never built (a 0-dimensional
+    parameter such as ``logit_scale`` cannot be partitioned by DeepSpeed ZeRO-3). Region features run
+    ``CLOCModel``'s own code, so they equal the full model's. The ViT pass is the tower's: queries
+    always pass its tokens as ``vision_outputs``.
+    """
+
+    def __init__(self, config: CLOCConfig):
+        super().__init__()
+        self.config = config
+        self.vision_embed_dim = config.vision_config.hidden_size
+        self.vision_model = None  # the tower runs the ViT; see the class docstring
+        self.prompter = CLOCPrompter(config.prompter_config, self.vision_embed_dim, config.projection_dim)
+
+    _encode_for_regions = CLOCModel._encode_for_regions
+    get_region_features = CLOCModel.get_region_features
 
 
 class CLOCVisionTower(nn.Module):
@@ -58,8 +87,8 @@ class CLOCVisionTower(nn.Module):
             loads the weights later (LLaVA builds towers this way when it loads an MLLM).
 
     Attributes set by :meth:`load_model`: ``vision_tower`` (the ``CLOCVisionModel``),
-    ``region_model`` (the Prompter's part of a full CLOC model, or ``None``) and ``image_processor``
-    (a :class:`~cloc_hf.CLOCImageProcessor`).
+    ``region_model`` (a :class:`CLOCRegionEncoder` for a full CLOC checkpoint, else ``None``) and
+    ``image_processor`` (a :class:`~cloc_hf.CLOCImageProcessor`).
     """
 
     def __init__(self, vision_tower: str | os.PathLike, args, delay_load: bool = False):
@@ -86,31 +115,42 @@ class CLOCVisionTower(nn.Module):
     def load_model(self, device_map=None) -> None:
         """Load the processor and the weights of ``vision_tower`` and freeze them; later calls do nothing.
 
-        ``device_map`` is passed to ``from_pretrained`` (default ``None``: load on the CPU).
+        Only the ViT and, for a full CLOC checkpoint, the Prompter are built, and only their tensors
+        are read from the checkpoint's safetensors (and only the shards holding them), so the text
+        tower costs nothing and ZeRO-3 can partition everything that is built. Parameters get the
+        checkpoint's dtype (``config.dtype``, else its weights'), as ``from_pretrained`` gives them.
+        ``device_map``: where the tower goes, whole (default ``None``: the CPU); a device, ``{"": device}``,
+        or ``"auto"`` (the accelerator if there is one). Not allowed under ZeRO-3, as in transformers.
         """
         if self.is_loaded:
             logger.info("%s is already loaded, `load_model` called again, skipping.", self.vision_tower_name)
             return
-        self._install(AutoModel.from_pretrained(self.vision_tower_name, device_map=device_map))
+        device = _single_device(device_map)
+        config = _read_config(self.vision_tower_name)
+        tensors = _read_tower_tensors(self.vision_tower_name, full=isinstance(config, CLOCConfig))
+        self._install(config, dtype=_checkpoint_dtype(config, tensors), initialise=False)
+        with _gathered_for_writing(self):
+            self.load_state_dict(tensors, strict=True)
+        if device is not None:
+            self.to(device)
+        self.is_loaded = True
 
-    def _install(self, model: nn.Module) -> None:
-        """Take the ViT (and the Prompter part, if any) out of a loaded or freshly built CLOC model, frozen."""
-        if isinstance(model, CLOCModel):
-            self.vision_tower = model.vision_model
-            for name in _UNUSED_PARTS:
-                setattr(model, name, None)  # the Prompter reads the tower's tokens; see region_features
-            self.region_model = model
-        elif isinstance(model, CLOCVisionModel):
-            self.vision_tower = model
+    def _install(self, config: CLOCConfig | CLOCVisionConfig, dtype: torch.dtype | None, initialise: bool) -> None:
+        """Build the ViT (and the Prompter, for a full CLOC config), frozen, with the image processor.
+
+        Under ZeRO-3 both are built partitioned. The caller writes the weights and then marks the tower
+        loaded; ``initialise=False`` skips the random init (for a strict load, which overwrites everything).
+        """
+        dtype = dtype or torch.get_default_dtype()
+        with contextlib.nullcontext() if initialise else no_init_weights():
+            self.vision_tower = CLOCVisionModel._from_config(_vision_config(config), dtype=dtype)
             self.region_model = None
-        else:
-            raise ValueError(
-                f"{self.vision_tower_name} holds a {type(model).__name__}, not a CLOC checkpoint "
-                "(CLOCModel or CLOCVisionModel)"
-            )
+            if isinstance(config, CLOCConfig):
+                with _default_dtype(dtype), _zero3_init():
+                    self.region_model = CLOCRegionEncoder(config)
+                _register_direct_reads(self.region_model.prompter)
         self.requires_grad_(False)  # as LLaVA: training the tower is opted into with requires_grad_(True)
         self.image_processor = _load_image_processor(self.vision_tower_name, self.vision_tower.config)
-        self.is_loaded = True
 
     @classmethod
     def from_mllm_state_dict(
@@ -150,11 +190,16 @@ class CLOCVisionTower(nn.Module):
                 f"no weight in the MLLM state dict starts with {prefix!r}: it holds no vision tower weights "
                 "(pass the prefix under which the MLLM keeps its tower)"
             )
+        old = [key for key in tensors if key.startswith(_OLD_REGION_ENTRIES)]
+        if old:
+            logger.info("skipping %d tower entries an earlier version saved and regions never use: %s", len(old), old)
+            tensors = {key: value for key, value in tensors.items() if key not in old}
         if not self.is_loaded:
             config = _read_config(self.vision_tower_name)
-            self._install(AutoModel.from_config(config))
+            self._install(config, dtype=_config_dtype(config), initialise=not strict)
         with _gathered_for_writing(self):
             result = self.load_state_dict(tensors, strict=strict)
+        self.is_loaded = True
         if not strict and (result.missing_keys or result.unexpected_keys):
             logger.warning("tower keys missing: %s; unexpected: %s", result.missing_keys, result.unexpected_keys)
 
@@ -288,6 +333,117 @@ def _load_image_processor(name: str, vision_config: CLOCVisionConfig) -> CLOCIma
     except OSError:
         logger.warning("%s has no image processor config; using CLOCImageProcessor(size=%d)", name, vision_config.image_size)
         return CLOCImageProcessor(size=vision_config.image_size)
+
+
+def _single_device(device_map) -> torch.device | None:
+    """The one device ``load_model(device_map=...)`` puts the tower on (``None``: leave it on the CPU)."""
+    if device_map is None:
+        return None
+    if is_deepspeed_zero3_enabled():
+        raise ValueError("DeepSpeed ZeRO-3 places the tower itself: call load_model() without a device_map")
+    if isinstance(device_map, Mapping):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(
+                f"device_map={device_map!r} splits the tower over several devices; it loads whole onto one: "
+                "pass a device or {'': device}"
+            )
+        device_map = devices.pop()
+    if device_map in _AUTO_DEVICE_MAPS:
+        return torch.accelerator.current_accelerator()  # None (stay on the CPU) without an accelerator
+    return torch.device(device_map)
+
+
+def _read_tower_tensors(name: str, full: bool) -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint ``name`` the tower uses, under the tower's own key names.
+
+    A full CLOC checkpoint gives its ``vision_model.*`` (as ``vision_tower.*``) and ``prompter.*`` (as
+    ``region_model.prompter.*``) entries; a ``CLOCVisionModel`` checkpoint gives all its entries (an
+    older ``vision_model.`` key prefix is accepted). Nothing else is read, and of a sharded
+    checkpoint only the shards that hold these entries are opened (or downloaded).
+    """
+    from safetensors import safe_open
+
+    def tower_key(key: str) -> str | None:
+        if not full:
+            return "vision_tower." + key.removeprefix(_VIT_PREFIX)
+        if key.startswith(_VIT_PREFIX):
+            return "vision_tower." + key[len(_VIT_PREFIX):]
+        return "region_model." + key if key.startswith(_PROMPTER_PREFIX) else None
+
+    tensors = {}
+    for file in _safetensors_files(name, lambda key: tower_key(key) is not None):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                if (target := tower_key(key)) is not None:
+                    tensors[target] = handle.get_tensor(key)
+    return tensors
+
+
+def _safetensors_files(name: str, wanted) -> list[str]:
+    """Local paths of checkpoint ``name``'s ``model.safetensors``, or of those shards of its index that
+    hold a key for which ``wanted(key)`` is true."""
+    lookup = dict(_raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    single = cached_file(name, SAFE_WEIGHTS_NAME, **lookup)
+    if single is not None:
+        return [single]
+    index = cached_file(name, SAFE_WEIGHTS_INDEX_NAME, **lookup)
+    if index is None:
+        raise ValueError(
+            f"{name} holds neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}: the CLOC tower reads "
+            "safetensors weights (re-save the checkpoint with save_pretrained)"
+        )
+    with open(index, encoding="utf-8") as handle:
+        weight_map = json.load(handle).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} is not a weight index: it has no 'weight_map' mapping")
+    shards = sorted({shard for key, shard in weight_map.items() if wanted(key)})
+    return [cached_file(name, shard) for shard in shards]
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    dtype = getattr(config, "dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _checkpoint_dtype(config, tensors: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The dtype ``from_pretrained``'s default ``dtype="auto"`` picks: ``config.dtype``, else the first
+    floating-point tensor's, else ``None`` (torch's default)."""
+    return _config_dtype(config) or next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build modules in ``dtype`` (as ``from_pretrained`` does), restoring torch's default afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _zero3_init():
+    """Under ZeRO-3 (transformers' ``HfDeepSpeedConfig`` alive), modules built inside are partitioned as
+    they are created, as ``from_pretrained`` builds models; otherwise nothing to do."""
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config())
+
+
+def _register_direct_reads(prompter: nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters when its forward runs; the Prompter reads the weights of its
+    prompt-type embedding tables directly (their forward never runs), so under ZeRO-3 they are
+    registered with the Prompter's forward. Without ZeRO-3, nothing to do."""
+    if not is_deepspeed_zero3_enabled():
+        return
+    import deepspeed
+
+    for module in prompter.modules():
+        if isinstance(module, nn.Embedding):
+            deepspeed.zero.register_external_parameter(prompter, module.weight)
 
 
 def _gathered_for_writing(module: nn.Module):

@@ -1,6 +1,7 @@
 """The CLOC tower for LLaVA code bases: contract, loading, region features, builder, NeXT's ``hf:`` path."""
 
 import copy
+import json
 import re
 import shutil
 import sys
@@ -11,6 +12,7 @@ import PIL.Image
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import AutoModel
 
 import cloc_hf
 from cloc_hf import CLOCImageProcessor, CLOCVisionModel
@@ -124,7 +126,7 @@ def test_delay_load_and_second_load_is_noop(cloc_dir):
     assert not tower.is_loaded and not hasattr(tower, "image_processor")
     assert (tower.hidden_size, tower.num_patches) == (32, 16)  # from the config only
     with pytest.raises(RuntimeError, match="call load_model"):
-        tower.dtype
+        _ = tower.dtype
     tower.load_model()
     vit = tower.vision_tower
     tower.load_model()
@@ -161,6 +163,142 @@ def test_fine_tuned_tower_comes_back_from_the_mllm_weights(cloc_dir, tmp_path):
             )
     with pytest.raises(ValueError, match="no weight in the MLLM state dict starts with 'vision_tower.'"):
         CLOCVisionTower.from_mllm_state_dict(mllm, _args(no_weights), prefix="vision_tower.")
+
+
+# -- loading only what the tower uses ----------------------------------------------------------------------
+def _region_queries():
+    return dict(boxes=_boxes()), dict(points=[torch.tensor([[0.5, 0.5]]), torch.zeros(0, 2), torch.tensor([[0.1, 0.9]])])
+
+
+def _assert_same_as_auto_model(tower, path):
+    """Image tokens of every layer and region features (boxes and points) equal ``AutoModel``'s, bit for bit."""
+    reference = AutoModel.from_pretrained(path).eval()
+    assert tower.dtype == reference.dtype
+    px = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        outs = tower.vision_tower(px.to(tower.dtype), output_hidden_states=True)
+        want = reference.vision_model(px.to(reference.dtype), output_hidden_states=True)
+        for got_layer, want_layer in zip(outs.hidden_states, want.hidden_states, strict=True):
+            assert torch.equal(got_layer, want_layer)
+        for query in _region_queries():
+            got = tower.region_features(outs, **query)
+            expected = reference.get_region_features(px.to(reference.dtype), **query)
+            assert all(torch.equal(g, w) for g, w in zip(got, expected, strict=True)), query
+
+
+def test_full_checkpoint_builds_and_reads_only_the_vit_and_prompter(cloc_dir, monkeypatch):
+    """No text tower, ``logit_scale``, projections or box head; identical to loading through ``AutoModel``."""
+    from safetensors import safe_open
+
+    opened = []
+
+    class RecordingOpen:  # safetensors' safe_open, noting each tensor read
+        def __init__(self, *args, **kwargs):
+            self.handle = safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_tensor(self, key):
+            opened.append(key)
+            return self.handle.get_tensor(key)
+
+    monkeypatch.setattr("safetensors.safe_open", RecordingOpen)
+    tower = CLOCVisionTower(cloc_dir[0], _args(cloc_dir[0]))
+    monkeypatch.undo()
+    assert opened and all(key.startswith(("vision_model.", "prompter.")) for key in opened)
+    assert {key.split(".")[0] for key in tower.state_dict()} == {"vision_tower", "region_model"}
+    assert {key.split(".")[1] for key in tower.state_dict() if key.startswith("region_model.")} == {"prompter"}
+    _assert_same_as_auto_model(tower, cloc_dir[0])
+
+
+def _resharded(source: Path, dest: Path) -> Path:
+    """``source``'s weights as a sharded checkpoint: ViT and Prompter in one shard, the rest in another."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, dest)
+    state = load_file(dest / "model.safetensors")
+    (dest / "model.safetensors").unlink()
+    names = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    for key, value in state.items():
+        tower_part = key.startswith(("vision_model.", "prompter."))
+        names["model-00001-of-00002.safetensors" if tower_part else "model-00002-of-00002.safetensors"][key] = value
+    weight_map = {}
+    for name, tensors in names.items():
+        save_file(tensors, dest / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dest
+
+
+def test_sharded_full_checkpoint_opens_only_the_shards_it_needs(cloc_dir, tmp_path):
+    sharded = _resharded(cloc_dir[0], tmp_path / "sharded")
+    _assert_same_as_auto_model(CLOCVisionTower(sharded, _args(sharded)), sharded)
+    (sharded / "model-00002-of-00002.safetensors").unlink()  # the text tower's shard: never opened
+    tower = CLOCVisionTower(sharded, _args(sharded))
+    for key, value in CLOCVisionTower(cloc_dir[0], _args(cloc_dir[0])).state_dict().items():
+        assert torch.equal(tower.state_dict()[key], value), key
+    (sharded / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(OSError, match="model-00001-of-00002.safetensors"):
+        CLOCVisionTower(sharded, _args(sharded))
+    (sharded / "model.safetensors.index.json").unlink()
+    with pytest.raises(ValueError, match="holds neither model.safetensors nor model.safetensors.index.json"):
+        CLOCVisionTower(sharded, _args(sharded))
+    # an incomplete checkpoint: a clear error, and the tower is not marked loaded (a retry loads again)
+    from safetensors.torch import load_file
+
+    state = load_file(cloc_dir[0] / "model.safetensors")
+    del state["prompter.projection.weight"]
+    save_file(state, sharded / "model.safetensors")
+    tower = CLOCVisionTower(sharded, _args(sharded), delay_load=True)
+    with pytest.raises(RuntimeError, match="region_model.prompter.projection.weight"):
+        tower.load_model()
+    assert not tower.is_loaded
+
+
+def test_checkpoint_dtype_and_vit_only_checkpoint_as_auto_model(cloc_dir, vision_dir, tmp_path):
+    half = tmp_path / "bf16"
+    copy.deepcopy(cloc_dir[1]).to(torch.bfloat16).save_pretrained(half)
+    CLOCImageProcessor(size=32).save_pretrained(half)
+    tower = CLOCVisionTower(half, _args(half))
+    assert tower.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in tower.parameters())
+    _assert_same_as_auto_model(tower, half)
+    vit_only = CLOCVisionTower(vision_dir, _args(vision_dir))
+    reference = AutoModel.from_pretrained(vision_dir)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(vit_only.vision_tower.state_dict()[key], value), key
+
+
+def test_device_map(cloc_dir):
+    tower = CLOCVisionTower(cloc_dir[0], _args(cloc_dir[0]), delay_load=True)
+    tower.load_model(device_map={"": "cpu"})
+    assert tower.device == torch.device("cpu")
+    tower = CLOCVisionTower(cloc_dir[0], _args(cloc_dir[0]), delay_load=True)
+    with pytest.raises(ValueError, match="splits the tower over several devices"):
+        tower.load_model(device_map={"vision_tower": "cpu", "region_model": "meta"})
+    assert not tower.is_loaded
+
+
+def test_mllm_weights_saved_by_the_earlier_tower_layout_still_load(cloc_dir):
+    """Earlier towers kept ``visual_projection``, ``logit_scale`` and the box head under ``region_model``:
+    MLLM checkpoints holding them load (strictly) and the entries are skipped."""
+    tower = CLOCVisionTower(cloc_dir[0], _args(cloc_dir[0]))
+    mllm = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
+    old = cloc_dir[1].state_dict()
+    for key in old:
+        if key.startswith(("visual_projection.", "logit_scale", "box_head.")):
+            mllm[f"model.vision_tower.region_model.{key}"] = old[key]
+    assert any("box_head" in key for key in mllm) and "model.vision_tower.region_model.logit_scale" in mllm
+    loaded = CLOCVisionTower.from_mllm_state_dict(mllm, _args(cloc_dir[0]))
+    for key, value in tower.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 # -- region features from the same ViT pass --------------------------------------------------------------
@@ -320,52 +458,68 @@ keep_alive = HfDeepSpeedConfig(config)  # while it lives, transformers builds an
 import cloc_hf
 from llava_bridge import CLOCVisionTower
 
-cloc_dir, mllm_dir, expected_file = sys.argv[1:4]
-expected = torch.load(expected_file)
-args = types.SimpleNamespace(mm_vision_tower=cloc_dir, mm_vision_select_layer=-2)
-for name, tower in (("original", CLOCVisionTower(cloc_dir, args)),
-                    ("fine_tuned", CLOCVisionTower.from_mllm_state_dict(mllm_dir, args))):
-    params = list(tower.parameters())
-    assert params and all(hasattr(p, "ds_id") and p.numel() == 0 for p in params), name  # partitioned
-    with deepspeed.zero.GatheredParameters(params):
-        for key, value in tower.state_dict().items():
-            torch.testing.assert_close(value, expected[name + "_state"][key], msg=key)
-    engine = deepspeed.initialize(model=tower, config=config)[0]
-    with torch.no_grad():
-        torch.testing.assert_close(engine(expected["px"]), expected[name], msg=name)
+expected = torch.load(sys.argv[1])
+px = expected["px"]
+for case in expected["cases"]:  # a ViT-only and a full CLOC checkpoint
+    args = types.SimpleNamespace(mm_vision_tower=case["cloc_dir"], mm_vision_select_layer=-2)
+    for name, tower in (("original", CLOCVisionTower(case["cloc_dir"], args)),
+                        ("fine_tuned", CLOCVisionTower.from_mllm_state_dict(case["mllm_dir"], args))):
+        label = (case["cloc_dir"], name)
+        params = list(tower.parameters())
+        assert params and all(hasattr(p, "ds_id") and p.numel() == 0 for p in params), label  # partitioned
+        with deepspeed.zero.GatheredParameters(params):
+            state = tower.state_dict()
+            assert state.keys() == case[name + "_state"].keys(), label
+            for key, value in state.items():
+                torch.testing.assert_close(value, case[name + "_state"][key], msg=key)
+        engine = deepspeed.initialize(model=tower, config=config)[0]
+        with torch.no_grad():
+            torch.testing.assert_close(engine(px), case[name], msg=str(label))
+            if case["boxes"] is not None:  # the Prompter, partitioned too, on the same pass's tokens
+                features, regions = engine.module.forward_with_regions(px, boxes=case["boxes"])
+                torch.testing.assert_close(features, case[name], msg=str(label))
+                for got, want in zip(regions, case[name + "_regions"], strict=True):
+                    torch.testing.assert_close(got, want, msg=str(label))
 print("zero3 ok", torch.distributed.get_rank())
 '''
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_zero3_partitioned_loading_two_processes(vision_dir, tmp_path):
-    """Under ZeRO-3 the tower loads partitioned, from the CLOC checkpoint or from MLLM weights.
-
-    A ViT-only checkpoint: a full CLOC model cannot be built under ZeRO-3 initialisation yet, since
-    DeepSpeed cannot partition its 0-dimensional ``logit_scale`` parameter.
-    """
+def test_zero3_partitioned_loading_two_processes(cloc_dir, vision_dir, tmp_path):
+    """Under ZeRO-3 the tower loads partitioned, from a full CLOC checkpoint (ViT and Prompter; the text
+    tower and the 0-dimensional ``logit_scale`` are never built) or a ViT-only one, or from MLLM weights;
+    image tokens and region features equal those of the tower loaded without DeepSpeed."""
     import os
     import subprocess
 
     pytest.importorskip("deepspeed")
-    tower = CLOCVisionTower(vision_dir, _args(vision_dir))
-    fine_tuned = CLOCVisionTower(vision_dir, _args(vision_dir))
-    with torch.no_grad():
-        for p in fine_tuned.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    (tmp_path / "mllm").mkdir()
-    save_file({f"model.vision_tower.{k}": v.contiguous() for k, v in fine_tuned.state_dict().items()},
-              tmp_path / "mllm" / "model.safetensors")
-    px = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        expected = {"px": px, "original": tower(px), "fine_tuned": fine_tuned(px),
-                    "original_state": tower.state_dict(), "fine_tuned_state": fine_tuned.state_dict()}
-    torch.save(expected, tmp_path / "expected.pt")
+    px, boxes = torch.randn(2, 3, 32, 32), _boxes()[:2]
+    cases = []
+    for checkpoint in (vision_dir, cloc_dir[0]):
+        tower = CLOCVisionTower(checkpoint, _args(checkpoint))
+        fine_tuned = CLOCVisionTower(checkpoint, _args(checkpoint))
+        with torch.no_grad():
+            for p in fine_tuned.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        mllm = tmp_path / f"mllm-{checkpoint.name}"
+        mllm.mkdir()
+        save_file({f"model.vision_tower.{k}": v.contiguous() for k, v in fine_tuned.state_dict().items()},
+                  mllm / "model.safetensors")
+        case = {"cloc_dir": str(checkpoint), "mllm_dir": str(mllm), "boxes": None}
+        with torch.no_grad():
+            for name, model in (("original", tower), ("fine_tuned", fine_tuned)):
+                case[name], case[name + "_state"] = model(px), model.state_dict()
+                if model.region_model is not None:
+                    case["boxes"] = boxes
+                    case[name + "_regions"] = model.forward_with_regions(px, boxes=boxes)[1]
+        cases.append(case)
+    assert cases[-1]["boxes"] is not None  # the full checkpoint's Prompter is checked
+    torch.save({"px": px, "cases": cases}, tmp_path / "expected.pt")
     (tmp_path / "check.py").write_text(_ZERO3_SCRIPT)
     root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
-           str(tmp_path / "check.py"), str(vision_dir), str(tmp_path / "mllm"), str(tmp_path / "expected.pt")]
+           str(tmp_path / "check.py"), str(tmp_path / "expected.pt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
     log = result.stdout + result.stderr
