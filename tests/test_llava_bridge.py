@@ -458,7 +458,7 @@ keep_alive = HfDeepSpeedConfig(config)  # while it lives, transformers builds an
 import cloc_hf
 from llava_bridge import CLOCVisionTower
 
-expected = torch.load(sys.argv[1])
+expected = torch.load(sys.argv[1], weights_only=True)
 px = expected["px"]
 for case in expected["cases"]:  # a ViT-only and a full CLOC checkpoint
     args = types.SimpleNamespace(mm_vision_tower=case["cloc_dir"], mm_vision_select_layer=-2)

@@ -136,7 +136,7 @@ def test_train_generate_save_and_reload_in_a_fresh_process(tmp_path):
         from transformers import LlavaForConditionalGeneration
         model = LlavaForConditionalGeneration.from_pretrained({str(tmp_path / "llava")!r}).eval()
         assert type(model.model.vision_tower) is cloc_hf.CLOCVisionModel, type(model.model.vision_tower)
-        e = torch.load({str(tmp_path / "expected.pt")!r})
+        e = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=e["ids"], pixel_values=e["px"]).logits, e["logits"])
             out = model.generate(input_ids=e["ids"], pixel_values=e["px"], max_new_tokens=3, do_sample=False)

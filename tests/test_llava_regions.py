@@ -325,7 +325,7 @@ def test_auto_classes_and_save_reload_in_a_fresh_process(tmp_path):
         assert type(model.model.vision_tower).__name__ == "CLOCVisionModel"
         assert type(proc).__name__ == "CLOCLlavaProcessor" and proc.box_convention == "shikra", proc
         assert proc.num_additional_image_tokens == 1
-        saved = torch.load(path + "/expected.pt", weights_only=False)
+        saved = torch.load(path + "/expected.pt", weights_only=True)
         with torch.no_grad():
             logits = model(**saved["inputs"]).logits
         torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
