@@ -25,7 +25,13 @@ from cloc_data.synthetic import SyntheticSceneConfig, generate_split
 from llava_bridge import CLOCLlavaForConditionalGeneration
 from llava_bridge.constants import IMAGE_TOKEN, REGION_TOKEN
 from training.mllm import finetune
-from training.mllm.dataset import IGNORE_INDEX, InstructionCollator, InstructionDataset, check_record, render_prompt
+from training.mllm.dataset import (
+    IGNORE_INDEX,
+    InstructionCollator,
+    InstructionDataset,
+    check_record,
+    render_prompt,
+)
 from training.mllm.instructions import InstructionBuilder, InstructionConfig, collect_phrases
 
 ROOT = Path(__file__).resolve().parents[1]

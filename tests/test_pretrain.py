@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.config import PretrainConfig
 from cloc_data.format import Region, RegionSample
 from cloc_data.loader import EpochBatchSampler, RegionTextCollator
+from training.config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,8 +185,8 @@ def test_continued_pretraining_from_a_converted_checkpoint(synthetic_data, tmp_p
 
 
 def test_streaming_dataset_shards_across_ranks_and_resumes(synthetic_data):
-    from cloc_hf import CLOCProcessor
     from cloc_data.loader import StreamingRegionTextDataset
+    from cloc_hf import CLOCProcessor
 
     path = synthetic_data / "train"
     single = StreamingRegionTextDataset(path, shuffle_buffer=16, seed=3)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from cloc_hf.box_ops import box_iou
 from cloc_data.shards import iter_shard_samples, list_shards
 from cloc_data.synthetic import (
     SHAPES,
@@ -31,6 +30,7 @@ from cloc_data.synthetic import (
 )
 from cloc_data.synthetic.scenes import assign_referring_expressions
 from cloc_data.synthetic.shapes import plural
+from cloc_hf.box_ops import box_iou
 
 CONFIG = SyntheticSceneConfig(seed=3)
 
