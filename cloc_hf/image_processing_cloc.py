@@ -38,15 +38,19 @@ CHANNELS_LAST = ChannelDimension.LAST
 
 RESIZE_MODES = ("pad", "center_crop")
 # the settings a call to `preprocess` may override (CLOCProcessor routes these keyword arguments here)
-PREPROCESS_SETTINGS = ("size", "resize_mode", "image_mean", "image_std", "do_normalize", "resample")
+PREPROCESS_SETTINGS = (
+    "size", "resize_mode", "image_mean", "image_std", "do_normalize", "resample", "return_original_sizes"
+)
 # saved-config keys that are not settings (handled by transformers' mixin)
 _BOOKKEEPING_KEYS = ("auto_map", "processor_class", "feature_extractor_type")
 
 
 class CLOCImagesKwargs(ImagesKwargs, total=False):
-    """``ImagesKwargs`` plus CLOC's resize mode (lets ``from_pretrained(..., resize_mode=...)`` override it)."""
+    """``ImagesKwargs`` plus CLOC's own settings (lets ``from_pretrained(..., resize_mode=...)`` override them
+    and routes them from a ``LlavaProcessor`` call to this image processor)."""
 
     resize_mode: str
+    return_original_sizes: bool
 
 
 class CLOCImageProcessor(BaseImageProcessor):
@@ -64,6 +68,11 @@ class CLOCImageProcessor(BaseImageProcessor):
         resample (`int`, defaults to ``PIL.Image.BICUBIC`` = 3): PIL resampling filter.
         crop_size (`dict`, *optional*): accepted for compatibility with saved CLIP-style configs; it
             must equal ``size``. Read it back as the ``crop_size`` property.
+        return_original_sizes (`bool`, defaults to `True`): add ``original_sizes`` to the outputs, the
+            input :meth:`post_process_boxes` needs to map predictions back to pixels. Set `False` where
+            the outputs go straight into a model that takes only ``pixel_values`` (a Hugging Face LLaVA,
+            whose ``generate`` refuses unknown inputs); ``cloc-swap-tower`` writes it so. Saved in
+            ``preprocessor_config.json``; configs saved without it read as `True`.
 
     LLaVA-style towers read ``image_processor.crop_size["height"]`` and ``image_processor.image_mean``
     and call ``preprocess(image, return_tensors="pt")["pixel_values"]``; all three work.
@@ -81,6 +90,7 @@ class CLOCImageProcessor(BaseImageProcessor):
         do_normalize: bool = True,
         resample: int = PIL.Image.Resampling.BICUBIC,
         crop_size: int | dict[str, int] | None = None,
+        return_original_sizes: bool = True,
         **kwargs,
     ):
         kwargs.pop("image_processor_type", None)  # written by to_dict, carries no setting
@@ -99,6 +109,9 @@ class CLOCImageProcessor(BaseImageProcessor):
         if min(self.image_std) <= 0:
             raise ValueError(f"image_std must be positive, got {self.image_std}")
         self.do_normalize = bool(do_normalize)
+        if not isinstance(return_original_sizes, (bool, np.bool_)):
+            raise ValueError(f"return_original_sizes must be True or False, got {return_original_sizes!r}")
+        self.return_original_sizes = bool(return_original_sizes)
         try:
             self.resample = int(PIL.Image.Resampling(int(resample)))
         except (TypeError, ValueError) as err:
@@ -134,14 +147,14 @@ class CLOCImageProcessor(BaseImageProcessor):
             points: the same with ``(n_i, 2)`` xy pixel points.
             return_tensors: ``"pt"`` (torch) or ``"np"`` / ``None`` (numpy).
             **kwargs: per-call overrides of ``size``, ``resize_mode``, ``image_mean``, ``image_std``,
-                ``do_normalize``, ``resample``.
+                ``do_normalize``, ``resample``, ``return_original_sizes``.
 
         Returns:
             `BatchFeature` with
               - ``pixel_values``: ``(B, 3, size, size)`` float32.
-              - ``original_sizes``: ``(B, 2)`` int64 original ``(height, width)`` (SAM's name; not
-                ``image_sizes``, which HF LLaVA would take as the size of ``pixel_values`` and use to
-                split the image features).
+              - ``original_sizes`` (unless ``return_original_sizes`` is `False`): ``(B, 2)`` int64
+                original ``(height, width)`` (SAM's name; not ``image_sizes``, which HF LLaVA would take
+                as the size of ``pixel_values`` and use to split the image features).
               - ``boxes`` (when given): list of ``B`` float32 ``(n_i, 4)`` normalised xyxy boxes in the
                 model input frame.
               - ``points`` (when given): list of ``B`` float32 ``(n_i, 2)`` normalised xy points.
@@ -168,15 +181,13 @@ class CLOCImageProcessor(BaseImageProcessor):
                     to_model(frame, as_rows(v, width, f"{key}[{i}]"), name=f"{key}[{i}]")
                     for i, (frame, v) in enumerate(zip(frames, rows))
                 ]
-        pixels = np.stack([proc._pixels(img, frame) for img, frame in zip(rgb, frames)])
-        sizes = np.array([(img.height, img.width) for img in rgb], dtype=np.int64)
-
+        out = {"pixel_values": np.stack([proc._pixels(img, frame) for img, frame in zip(rgb, frames)])}
+        if proc.return_original_sizes:
+            out["original_sizes"] = np.array([(img.height, img.width) for img in rgb], dtype=np.int64)
         if return_tensors == "pt":
-            return BatchFeature(
-                {"pixel_values": torch.from_numpy(pixels), "original_sizes": torch.from_numpy(sizes), **data}
-            )
+            return BatchFeature({**{k: torch.from_numpy(v) for k, v in out.items()}, **data})
         data = {k: [t.numpy() for t in v] for k, v in data.items()}
-        return BatchFeature({"pixel_values": pixels, "original_sizes": sizes, **data})
+        return BatchFeature({**out, **data})
 
     def _pixels(self, image: PIL.Image.Image, frame: FrameTransform) -> np.ndarray:
         """``(3, size, size)`` float32 pixels of one RGB image, laid out by ``frame``."""

@@ -65,11 +65,12 @@ class CLOCProcessor(ProcessorMixin):
             padding, truncation, max_length: passed to the tokenizer. By default a text batch is padded
                 to its longest member and truncated to the tokenizer's ``model_max_length`` (77).
             **kwargs: image-processor overrides (``size``, ``resize_mode``, ``image_mean``, ``image_std``,
-                ``do_normalize``, ``resample``); anything else goes to the tokenizer.
+                ``do_normalize``, ``resample``, ``return_original_sizes``); anything else goes to the tokenizer.
 
         Returns:
-            `BatchFeature` with ``pixel_values``, ``original_sizes`` (+ ``boxes``, ``points``) when images are
-            given and ``input_ids``, ``attention_mask`` when text is given.
+            `BatchFeature` with ``pixel_values``, ``original_sizes`` (unless the image processor's
+            ``return_original_sizes`` is `False`) (+ ``boxes``, ``points``) when images are given and
+            ``input_ids``, ``attention_mask`` when text is given.
         """
         if images is None and text is None:
             raise ValueError("CLOCProcessor needs images, text or both")

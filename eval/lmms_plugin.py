@@ -184,7 +184,6 @@ class CLOCLlavaLMMS(_LMMSBase):
         pil = load_rgb_image(image)
         prefix = processor(images=[pil], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
         inputs = processor(images=[pil], text=[prompt + continuation], return_tensors="pt")
-        inputs.pop("original_sizes", None)
         dtype = next(self.model.parameters()).dtype
         inputs = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
         logits = self.model(**inputs).logits[0, :-1].float()

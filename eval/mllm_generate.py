@@ -158,7 +158,6 @@ class HFGenerator:
         kwargs = {} if boxes is None else {"boxes": [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes]}
         with _left_padding(tokenizer), _no_box_text(self.processor, boxes is not None):
             inputs = self.processor(images=pil, text=texts, padding=True, return_tensors="pt", **kwargs)
-        inputs.pop("original_sizes", None)  # CLOC's image processor adds it; generate() does not take it
         device, dtype = _model_device_dtype(self.model)
         moved = {}
         for key, value in inputs.items():

@@ -80,6 +80,7 @@ class CLOCLlavaProcessor(LlavaProcessor):
         box_convention: str | None = None,
         box_frame: str | None = None,
         return_tensors="pt",
+        return_original_sizes: bool = False,
         **tokenizer_kwargs,
     ) -> BatchFeature:
         """Model inputs for one image per sample with region prompts.
@@ -92,11 +93,14 @@ class CLOCLlavaProcessor(LlavaProcessor):
             boxes: per sample, ``(n_i, 4)`` xyxy boxes in original-image pixels (``None``/empty for none).
             points: per sample, ``(n_i, 2)`` xy pixel points.
             box_convention, box_frame: override the processor's for this call (see the class).
+            return_original_sizes: also return the images' ``original_sizes`` (``(B, 2)`` height, width),
+                e.g. to map boxes read from the answers back to pixels; default `False`, so the outputs
+                go straight into ``model(**inputs)`` / ``model.generate(**inputs)``, which do not take them.
             **tokenizer_kwargs: passed to the tokenizer (``padding=True`` for batches of several lengths).
         Returns:
             ``BatchFeature`` with ``input_ids``, ``attention_mask``, ``pixel_values`` and, when given,
             ``region_boxes`` / ``region_points``: one normalised ``(n_i, 4)`` / ``(n_i, 2)`` tensor per
-            sample in the tower's input frame.
+            sample in the tower's input frame (and ``original_sizes`` when asked).
         Raises:
             ValueError: naming the sample when its ``<region>`` tokens and prompts disagree in number, and
                 naming the box when one lies outside its image.
@@ -111,12 +115,17 @@ class CLOCLlavaProcessor(LlavaProcessor):
             num_images = len(image_list)
             if boxes is not None:  # one (n_i, 4) pixel tensor per image, read once for both uses below
                 boxes = [as_rows(v, 4, f"boxes[{i}]") for i, v in enumerate(per_image(boxes, num_images, single, "boxes", 4))]
-            image_inputs = self.image_processor(images, boxes=boxes, points=points, return_tensors="pt")
+            # the sizes are needed here (box text) whatever the image processor's own setting
+            image_inputs = self.image_processor(
+                images, boxes=boxes, points=points, return_tensors="pt", return_original_sizes=True
+            )
             if len(image_inputs["pixel_values"]) != len(texts):
                 raise ValueError(
                     f"got {len(image_inputs['pixel_values'])} images for {len(texts)} prompts; give one image per prompt"
                 )
             data["pixel_values"] = image_inputs["pixel_values"]
+            if return_original_sizes:
+                data["original_sizes"] = image_inputs["original_sizes"]
         elif boxes is not None or points is not None:
             raise ValueError("region boxes / points need the images they are drawn on")
         counts = self._prompt_counts(image_inputs, len(texts))

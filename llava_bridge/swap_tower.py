@@ -385,6 +385,8 @@ def build_processor(src: Path, cloc_dir: Path, config):
 
     ``num_additional_image_tokens=1`` because the CLOC ViT has a class token (with 0 the prompt gets
     one image token fewer than the tower yields); ``patch_size`` and the strategy are the new config's.
+    The image processor's ``return_original_sizes`` is `False`, so ``processor(...)`` outputs go straight
+    into ``model.generate(**inputs)`` (LLaVA takes no ``original_sizes``).
     """
     from transformers import AutoTokenizer, LlavaProcessor
 
@@ -396,11 +398,11 @@ def build_processor(src: Path, cloc_dir: Path, config):
         raise SwapTowerError(f"{src}: no usable tokenizer ({type(err).__name__}: {err})") from None
     vision = config.vision_config
     if (cloc_dir / "preprocessor_config.json").is_file():
-        image_processor = CLOCImageProcessor.from_pretrained(cloc_dir)
+        image_processor = CLOCImageProcessor.from_pretrained(cloc_dir, return_original_sizes=False)
         if image_processor.size != vision.image_size:
             raise SwapTowerError(f"{cloc_dir}: the image processor's size {image_processor.size} != the ViT's {vision.image_size}")
     else:
-        image_processor = CLOCImageProcessor(size=vision.image_size)
+        image_processor = CLOCImageProcessor(size=vision.image_size, return_original_sizes=False)
     settings = _json(src / "processor_config.json", "LLaVA checkpoint") if (src / "processor_config.json").is_file() else {}
     image_token = settings.get("image_token") or tokenizer.convert_ids_to_tokens(config.image_token_id)
     if image_token is None or tokenizer.convert_tokens_to_ids(image_token) != config.image_token_id:
@@ -532,7 +534,8 @@ Written by `cloc-swap-tower` from `{src.name}` (language model, tokenizer) and t
 - Language model: unchanged, byte for byte.
 - Projector: {kept}.
 - `vision_feature_layer` {config.vision_feature_layer}, `vision_feature_select_strategy` "{config.vision_feature_select_strategy}" (the source's).
-- Processor: `LlavaProcessor` with `CLOCImageProcessor` and `num_additional_image_tokens=1` (the class token).
+- Processor: `LlavaProcessor` with `CLOCImageProcessor` (`return_original_sizes: false`, so its outputs
+  are exactly the model's inputs) and `num_additional_image_tokens=1` (the class token).
 
 **The projector needs re-alignment before use.** Run LLaVA's stage 1 (train the projector alone on
 image-caption pairs, tower and language model frozen), then fine-tune as usual; until then the
@@ -546,7 +549,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 model = LlavaForConditionalGeneration.from_pretrained("<this folder>")
 processor = AutoProcessor.from_pretrained("<this folder>")
 inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-inputs.pop("original_sizes")  # added by CLOC's image processor; generate() takes only the model's inputs
+output_ids = model.generate(**inputs, max_new_tokens=32)
 ```
 """
 

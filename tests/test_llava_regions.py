@@ -355,3 +355,19 @@ def test_processor_image_token_count_matches_the_model(strategy, tokens):
     model = _model(vision_feature_select_strategy=strategy).eval()
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_processor_outputs_go_straight_into_generate():
+    """No ``original_sizes`` (which ``generate`` refuses) unless asked, whatever the image processor's setting."""
+    model, proc = _model().eval(), _processor(box_convention="ferret")
+    assert proc.image_processor.return_original_sizes  # CLOC's default: kept for post_process_boxes
+    texts = [f"user {IMAGE_TOKEN} what is in {REGION_TOKEN}", f"user {IMAGE_TOKEN} a cat"]
+    images, boxes = [_image(48, 32), _image(20, 40)], [[[4, 4, 30, 28]], []]
+    inputs = proc(images=images, text=texts, boxes=boxes, padding=True)
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "region_boxes"}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 2)
+    asked = proc(images=images, text=texts, boxes=boxes, padding=True, return_original_sizes=True)
+    assert asked["original_sizes"].tolist() == [[32, 48], [40, 20]]
+    assert torch.equal(asked["input_ids"], inputs["input_ids"])

@@ -343,7 +343,6 @@ def test_lmms_plugin_generate_until_and_loglikelihood():
     # the greedy continuation is greedy, with a finite negative log-probability
     tok = processor.tokenizer
     inputs = processor(images=[docs[0]["image"]], text=[gen.text("where is the cat ?")], return_tensors="pt")
-    inputs.pop("original_sizes", None)
     greedy_ids = model.generate(**inputs, max_new_tokens=2, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     greedy_text = "".join(" " + t for t in tok.convert_ids_to_tokens(greedy_ids))
     ll = lm.loglikelihood([SimpleNamespace(args=("where is the cat ?", greedy_text, lambda d: [d["image"]], 0,

@@ -171,7 +171,6 @@ def test_stage2_lora_saves_adapter_and_merged_model_that_reload_and_generate(set
     image = Image.open(setup["root"] / record["image"])
     inputs = processor(images=[image], text=[render_prompt(record["conversations"][0]["value"])],
                        boxes=[record["regions"]])
-    inputs.pop("original_sizes", None)
     generated = merged.generate(**inputs, max_new_tokens=4, do_sample=False)
     again = adapted.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1] and torch.equal(generated, again)

@@ -498,3 +498,39 @@ def test_works_inside_transformers_llava_processor():
     assert (
         out["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")
     ).sum() == 4  # 2x2 patches, CLS dropped
+
+
+def test_return_original_sizes_setting(tmp_path):
+    """``return_original_sizes=False`` leaves exactly the model's inputs (HF LLaVA's ``generate`` refuses
+    unknown ones); the default keeps the sizes ``post_process_boxes`` needs, and old configs read as True."""
+    import json
+
+    from transformers import LlavaProcessor
+
+    image = PIL.Image.new("RGB", (50, 30))
+    default, bare = CLOCImageProcessor(size=28), CLOCImageProcessor(size=28, return_original_sizes=False)
+    assert set(default(image)) == {"pixel_values", "original_sizes"}
+    assert set(bare(image, boxes=[[1, 1, 9, 9]], return_tensors="np")) == {"pixel_values", "boxes"}
+    assert set(bare(image, return_original_sizes=True)) == {"pixel_values", "original_sizes"}  # per call
+    assert bare.return_original_sizes is False
+    with pytest.raises(ValueError, match="return_original_sizes"):
+        CLOCImageProcessor(return_original_sizes="no")
+
+    bare.save_pretrained(tmp_path / "bare")
+    assert json.loads((tmp_path / "bare" / "preprocessor_config.json").read_text())["return_original_sizes"] is False
+    assert CLOCImageProcessor.from_pretrained(tmp_path / "bare").return_original_sizes is False
+    assert CLOCImageProcessor.from_pretrained(tmp_path / "bare", return_original_sizes=True).return_original_sizes
+    old = json.loads((tmp_path / "bare" / "preprocessor_config.json").read_text())
+    del old["return_original_sizes"]  # as saved before the setting existed
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "preprocessor_config.json").write_text(json.dumps(old))
+    assert CLOCImageProcessor.from_pretrained(tmp_path / "old").return_original_sizes is True
+
+    tokenizer = build_clip_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    llava = LlavaProcessor(image_processor=bare, tokenizer=tokenizer, patch_size=14, num_additional_image_tokens=1,
+                           vision_feature_select_strategy="default", image_token="<image>")
+    out = llava(images=[image], text=["<image> a cat"], return_tensors="pt")
+    assert set(out) == {"pixel_values", "input_ids", "attention_mask"}
+    asked = llava(images=[image], text=["<image> a cat"], return_tensors="pt", return_original_sizes=True)
+    assert asked["original_sizes"].tolist() == [[30, 50]]
