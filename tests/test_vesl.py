@@ -127,6 +127,20 @@ def test_tagger_resolution_without_nltk_data(monkeypatch, caplog):
     assert "nltk.downloader averaged_perceptron_tagger_eng" in caplog.text
 
 
+def test_cli_tagger_nltk_without_its_data_is_a_clean_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(phrases_mod, "nltk_tagger_available", lambda: False)
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    argv = ["--input", str(images), "--output", str(out), "--keep-caption", "--detector", str(tmp_path / "none"),
+            "--tagger", "nltk"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cloc-vesl: error: --tagger nltk: ") and len(err.strip().splitlines()) == 1
+    assert "python -m nltk.downloader averaged_perceptron_tagger_eng" in err and "Traceback" not in err
+    assert not out.exists()  # nothing started
+
+
 def test_lexicon_tagger_finds_simple_phrases():
     extract = PhraseExtractor(tagger="lexicon")
     got = extract("The image shows a small brown dog sitting on a wooden bench next to two red apples.")

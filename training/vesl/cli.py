@@ -26,7 +26,7 @@ import argparse
 import logging
 import sys
 
-from training.vesl.phrases import TAGGER_NAMES, WEB_WORDS
+from training.vesl.phrases import TAGGER_NAMES, WEB_WORDS, resolve_tagger
 from training.vesl.pipeline import DEFAULT_DETECTOR, STATS_NAME, VeslConfig, format_stats, run_vesl
 from training.vesl.sources import INPUT_FORMATS
 
@@ -155,7 +155,11 @@ def config_from_args(args: argparse.Namespace) -> VeslConfig:
     )
 
 
+EXIT_USAGE = 2  # argparse's status for a command line that cannot work (as cloc-data's)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``cloc-vesl``; returns 0, or 2 after one ``cloc-vesl: error:`` line for an unusable setting."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -165,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
+    if config.tagger == "nltk":  # before any model loads; "auto" falls back to the lexicon instead
+        try:
+            resolve_tagger("nltk")
+        except LookupError as err:  # NLTK or its tagger data missing: the message names the install command
+            print(f"cloc-vesl: error: --tagger nltk: {' '.join(str(err).split())}", file=sys.stderr)
+            return EXIT_USAGE
     result = run_vesl(config)
     if result.stats is not None:
         print(format_stats(result.stats))
