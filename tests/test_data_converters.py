@@ -460,6 +460,23 @@ def test_flickr30k_each_box_per_sentence(tmp_path):
     assert got[1].caption == "Two young guys look at each other and a cat ."
 
 
+def test_flickr30k_without_split_records_each_image_split(tmp_path):
+    root = flickr_root(tmp_path)
+    (root / "Sentences" / "3000.txt").write_text("[/EN#5/animals A dog] runs .\n")
+    (root / "Annotations" / "3000.xml").write_text(
+        "<annotation><size><width>20</width><height>20</height></size>"
+        "<object><name>5</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object>"
+        "</annotation>"
+    )
+    got = {s.key: s.meta["split"] for s in iter_flickr30k(root, SkipCounter())}
+    assert got == {"1000": "test", "3000": "unknown"}  # 3000 is in no split list (2000 is malformed)
+    per_sentence = list(iter_flickr30k(root, SkipCounter(), per="sentence"))
+    assert [(s.key, s.meta["split"]) for s in per_sentence][-2:] == [("1000_2", "test"), ("3000_0", "unknown")]
+    (root / "train.txt").write_text("3000\n")
+    assert {s.key: s.meta["split"] for s in iter_flickr30k(root, SkipCounter())} == {"1000": "test", "3000": "train"}
+    assert [s.meta["split"] for s in iter_flickr30k(root, SkipCounter(), split="train")] == ["train"]
+
+
 def test_flickr30k_malformed_annotation_names_file(tmp_path):
     from cloc_data.converters.flickr30k import read_annotation
 

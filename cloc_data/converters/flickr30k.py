@@ -27,7 +27,9 @@ Choices:
   caption = that sentence, its phrases only -- the phrase-grounding evaluation unit.
 
 Region ``source`` is ``"human"``; ``meta`` holds ``entity_id``, ``phrase_type``, ``sentence``
-(index) and ``span``.
+(index) and ``span``. Every sample's ``meta["split"]`` is its split: the one asked for, or (all
+annotated images) the split list that names the image, ``"unknown"`` for an image in none of
+``train.txt`` / ``val.txt`` / ``test.txt`` -- so shards of every image can still be filtered by split.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from cloc_data.shards import SkipCounter
 _PHRASE = re.compile(r"\[/EN#(\d+)((?:/[^\s\]/]+)+)\s+([^\]]*)\]")
 BOX_CHOICES = ("union", "each")
 PER_CHOICES = ("image", "sentence")
+SPLITS = ("train", "val", "test")  # the dataset's split lists, {root}/{split}.txt
+UNKNOWN_SPLIT = "unknown"  # meta["split"] of an image that no split list names
 
 
 @dataclass
@@ -173,6 +177,16 @@ def read_split_ids(root: str | os.PathLike, split: str) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def split_of_images(root: str | os.PathLike) -> dict[str, str]:
+    """Image id -> split, from the split lists present in ``root`` (the first list naming an image wins)."""
+    found: dict[str, str] = {}
+    for split in SPLITS:
+        if (Path(root) / f"{split}.txt").is_file():
+            for image_id in read_split_ids(root, split):
+                found.setdefault(image_id, split)
+    return found
+
+
 def iter_flickr30k(
     root: str | os.PathLike,
     skipped: SkipCounter,
@@ -180,7 +194,8 @@ def iter_flickr30k(
     boxes: str = "union",
     per: str = "image",
 ) -> Iterator[RegionSample]:
-    """Stream samples for the images of ``split`` (``{root}/{split}.txt``), or all annotated images."""
+    """Stream samples for the images of ``split`` (``{root}/{split}.txt``), or all annotated images
+    (``split=None``; each sample's ``meta["split"]`` then comes from the split lists, see the module)."""
     if boxes not in BOX_CHOICES:
         raise ValueError(f"boxes must be one of {BOX_CHOICES}, got {boxes!r}")
     if per not in PER_CHOICES:
@@ -191,8 +206,10 @@ def iter_flickr30k(
         raise FileNotFoundError(f"{root} must contain Sentences/ and Annotations/")
     if split is not None:
         image_ids = read_split_ids(root, split)
+        split_of = dict.fromkeys(image_ids, split)
     else:
         image_ids = sorted(p.stem for p in annotations_dir.glob("*.xml"))
+        split_of = split_of_images(root)
     for image_id in image_ids:
         try:
             ann = read_annotation(annotations_dir / f"{image_id}.xml")
@@ -207,9 +224,8 @@ def iter_flickr30k(
             "dataset": "flickr30k_entities",
             "image_id": image_id,
             "image_path": f"{image_id}.jpg",
+            "split": split_of.get(image_id, UNKNOWN_SPLIT),
         }
-        if split is not None:
-            meta["split"] = split
         if per == "sentence":
             for i, sentence in enumerate(sentences):
                 regions = [
