@@ -11,7 +11,13 @@ centre accuracy, in percent):
 * **ranking** (:func:`rec_by_ranking`): the candidates are all ground-truth boxes of the image; each
   is embedded by a region method of :mod:`eval.baselines` (the Prompter, or a CLIP baseline for a
   CLIP model) and the candidate most similar to the expression's text embedding is the prediction.
-  ``chance_acc@0.5`` is the expected Acc@0.5 of picking a candidate at random.
+  ``chance_acc@0.5`` is the expected Acc@0.5 of picking a candidate at random. With an image's 1-3
+  boxes chance is high (about half on the synthetic scenes), so the same ranking also runs over a
+  larger candidate set (:func:`pool_candidates`, ``"ranking_pool"`` in :func:`evaluate_rec`): the
+  image's ground-truth boxes plus seeded distractors up to :data:`POOL_SIZE` candidates, half of them
+  ground-truth boxes of *other* images of the split (moved into this image's frame by their normalised
+  coordinates) and half random boxes (the size of a random ground-truth box of the split, placed
+  uniformly inside the image), so that chance is low.
 
 Data: a refer-toolkit refs file (``refs(unc).p``, or a ``refs(*).json`` such as the synthetic scenes
 write) plus the COCO instances file its ``ann_id``/``image_id`` point to, read by the converters
@@ -49,6 +55,10 @@ from eval.metrics import rec_accuracy, rec_accuracy_by_ranking
 from eval.region import attach_image_paths
 
 CHANCE_IOU = 0.5
+# Candidates per image of the distractor protocol (ground-truth boxes first): enough that a random pick
+# is right about 1 time in 20, few enough that ranking costs about ten times the GT-only protocol.
+POOL_SIZE = 20
+POOL_SEED = 0  # the distractors' seed: the same candidates for every model evaluated on a split
 
 
 @dataclass
@@ -159,6 +169,48 @@ def load_refs(
     }
 
 
+def _normalised_candidates(images: Sequence[RecImageView]) -> torch.Tensor:
+    """``(K, 4)`` float64: every image's candidates divided by its width/height, images in order."""
+    out = [
+        img.candidates.double() / torch.tensor([img.refs[0].width, img.refs[0].height] * 2, dtype=torch.float64)
+        for img in images
+    ]
+    return torch.cat(out) if out else torch.zeros(0, 4, dtype=torch.float64)
+
+
+def pool_candidates(
+    images: Sequence[RecImageView], size: int = POOL_SIZE, seed: int = POOL_SEED
+) -> list[torch.Tensor]:
+    """Per image ``(max(size, k), 4)`` float32 xyxy pixel candidates: its ``k`` ground-truth boxes
+    (:attr:`RecImageView.candidates`, first and in order), then ``size - k`` distractors: half (rounded
+    down) ground-truth boxes of other images of ``images`` in this image's frame, the rest random boxes,
+    each as large as a random ground-truth box of ``images`` and placed uniformly inside the image.
+
+    Deterministic for a given ``images``, ``size`` and ``seed`` (one generator drawn in image order);
+    with a single image every distractor is random. ``ValueError`` when ``images`` hold no boxes.
+    """
+    norm = _normalised_candidates(images)
+    if len(norm) == 0:
+        raise ValueError("pool_candidates: the images hold no ground-truth boxes")
+    counts = [len(img.candidates) for img in images]
+    starts = torch.tensor([0, *counts]).cumsum(0).tolist()
+    sides = (norm[:, 2:] - norm[:, :2]).clamp(min=1e-6, max=1.0)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, img in enumerate(images):
+        own, wanted = counts[i], max(size - counts[i], 0)
+        others = len(norm) - own
+        n_other = wanted // 2 if others else 0
+        picks = torch.randint(0, max(others, 1), (n_other,), generator=gen)
+        picks = picks + (picks >= starts[i]) * own  # skip this image's own boxes
+        side = sides[torch.randint(0, len(norm), (wanted - n_other,), generator=gen)]
+        corner = torch.rand(wanted - n_other, 2, generator=gen, dtype=torch.float64) * (1 - side)
+        boxes = torch.cat([norm[picks], torch.cat([corner, corner + side], 1)])
+        scale = torch.tensor([img.refs[0].width, img.refs[0].height] * 2, dtype=torch.float64)
+        out.append(torch.cat([img.candidates.float(), (boxes * scale).float()]))
+    return out
+
+
 def _expressions(images: Sequence[RecImageView]) -> tuple[list[str], torch.Tensor]:
     sentences = [text for img in images for text in img.sentences]
     if not sentences:
@@ -215,30 +267,38 @@ def rec_by_ranking(
     images: Sequence[RecImageView],
     method: str = "cloc",
     options: EncodeOptions | None = None,
+    *,
+    candidates: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """REC by ranking each image's ground-truth boxes with region-text similarity.
+    """REC by ranking candidate boxes of each image with region-text similarity.
 
-    Returns :func:`~eval.metrics.rec_accuracy_by_ranking`'s metrics plus ``chance_acc@0.5``,
+    ``candidates``: per image ``(k, 4)`` xyxy pixel boxes to rank (default: its ground-truth boxes,
+    :attr:`RecImageView.candidates`; :func:`pool_candidates` adds distractors).
+
+    Returns :func:`~eval.metrics.rec_accuracy_by_ranking`'s metrics plus ``chance_acc@0.5`` (the
+    expected Acc@0.5 of a uniformly random candidate), ``num_candidates`` (per image, mean),
     ``num_expressions``, ``num_images``, ``method``.
     """
     check_method(method)
+    candidates = [img.candidates for img in images] if candidates is None else list(candidates)
+    if len(candidates) != len(images):
+        raise ValueError(f"{len(images)} images but {len(candidates)} candidate sets")
     sentences, gt = _expressions(images)
-    regions = encode_regions(
-        model, processor, [img.image for img in images], [img.candidates for img in images], method, options
-    )
+    regions = encode_regions(model, processor, [img.image for img in images], candidates, method, options)
     text = encode_texts(model, processor, sentences, options)
     scores, boxes, chance = [], [], []
     row = 0
-    for img, embeds in zip(images, regions):
+    for img, cands, embeds in zip(images, candidates, regions):
         for _ in img.sentences:
             scores.append(embeds @ text[row])
-            boxes.append(img.candidates)
-            hits = box_iou(img.candidates.double(), gt[row : row + 1]).reshape(-1) >= CHANCE_IOU
+            boxes.append(cands)
+            hits = box_iou(cands.double(), gt[row : row + 1]).reshape(-1) >= CHANCE_IOU
             chance.append(float(hits.double().mean()))
             row += 1
     out = rec_accuracy_by_ranking(scores, boxes, gt)
     out[f"chance_acc@{CHANCE_IOU:g}"] = 100.0 * sum(chance) / len(chance)
-    out.update(method=method, num_expressions=len(gt), num_images=len(images))
+    out.update(method=method, num_candidates=sum(len(c) for c in candidates) / len(candidates),
+               num_expressions=len(gt), num_images=len(images))
     return out
 
 
@@ -249,12 +309,16 @@ def evaluate_rec(
     methods: Sequence[str] = ("cloc",),
     box_head: bool = True,
     options: EncodeOptions | None = None,
+    pool_size: int = POOL_SIZE,
 ) -> dict[str, Any]:
-    """Both protocols on every split: ``{"box_head": {split: metrics} | None, "ranking": {method: {split: metrics}}}``.
+    """Every protocol on every split: ``{"box_head": {split: metrics} | None, "ranking": {method:
+    {split: metrics}}, "ranking_pool": {method: {split: metrics}} | None}``.
 
-    ``box_head`` is ``None`` when not asked for or the model has none.
+    ``box_head`` is ``None`` when not asked for or the model has none; ``ranking_pool`` (ranking over
+    :func:`pool_candidates` of ``pool_size`` candidates per image) is ``None`` when ``pool_size`` is 0.
     """
     has_head = box_head and getattr(model, "box_head", None) is not None
+    pools = {s: pool_candidates(imgs, pool_size) for s, imgs in data.items()} if pool_size else None
     return {
         "box_head": {s: rec_by_box_head(model, processor, imgs, options) for s, imgs in data.items()}
         if has_head
@@ -263,4 +327,13 @@ def evaluate_rec(
             m: {s: rec_by_ranking(model, processor, imgs, m, options) for s, imgs in data.items()}
             for m in methods
         },
+        "ranking_pool": {
+            m: {
+                s: rec_by_ranking(model, processor, imgs, m, options, candidates=pools[s])
+                for s, imgs in data.items()
+            }
+            for m in methods
+        }
+        if pools
+        else None,
     }

@@ -4,10 +4,12 @@
     from eval.results import load_results
     text = render_markdown(load_results("results.json"), title="CLOC vs CLIP, synthetic test split")
 
-The summary table has one row per (model, method) and one column per row key that at least one row
-fills (:func:`eval.results.summary_columns`, rendered by :func:`eval.results.markdown_table`: ``None``
-and NaN print as ``-``, numbers with one decimal). When the results carry them, a table of REC
-accuracy per split and one of region accuracy per size class follow. To compare models (a CLIP
+The summary table has one row per (model, method) and one column per headline row key that at least
+one row fills (:func:`eval.results.summary_columns`: chance levels beside their metrics, the saturating
+recall@10 left to the JSON; rendered by :func:`eval.results.markdown_table`: ``None`` and NaN print as
+``-``, numbers with one decimal, rows averaged over seeds as ``mean ± std``). When the results carry
+them, a table of REC accuracy per split and protocol (with chance levels) and one of region accuracy
+per size class follow. To compare models (a CLIP
 baseline's rows and a CLOC model's), render their rows together:
 ``render_markdown([*clip_results["rows"], *cloc_results["rows"]])``.
 """
@@ -27,9 +29,11 @@ def _rec_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for split, metrics in (rec.get("box_head") or {}).items():
         rows.append({"protocol": "box head", "method": "cloc", "split": split, **metrics})
-    for method, splits in (rec.get("ranking") or {}).items():
-        for split, metrics in splits.items():
-            rows.append({"protocol": "ranking", "method": method, "split": split, **metrics})
+    protocols = (("ranking", "ranking GT boxes"), ("ranking_pool", "ranking GT + distractor boxes"))
+    for key, protocol in protocols:
+        for method, splits in (rec.get(key) or {}).items():
+            for split, metrics in splits.items():
+                rows.append({"protocol": protocol, "method": method, "split": split, **metrics})
     return rows
 
 
@@ -69,11 +73,10 @@ def render_markdown(results: dict[str, Any] | Sequence[dict[str, Any]], title: s
             "miou",
             "center_acc",
         ]
-        cols += [c for c in ("chance_acc@0.5", "num_expressions") if any(c in r for r in rec_rows)]
-        parts += [
-            "### Referring expressions by split",
-            markdown_table(rec_rows, cols, {"miou": "mIoU", "center_acc": "centre acc"}),
-        ]
+        cols += [c for c in ("chance_acc@0.5", "num_candidates", "num_expressions") if any(c in r for r in rec_rows)]
+        titles = {"miou": "mIoU", "center_acc": "centre acc", "chance_acc@0.5": "chance acc@0.5",
+                  "num_candidates": "candidates per image"}
+        parts += ["### Referring expressions by split", markdown_table(rec_rows, cols, titles)]
     size_rows = _size_rows(full)
     if size_rows:
         parts += [

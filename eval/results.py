@@ -11,12 +11,28 @@ synthetic scenes ``region_colour_acc`` and ``region_shape_acc``). Metric values 
 ``model``              the evaluated model's name, or ``None``
 ``region_macc``        region recognition, mean per-class accuracy (GT boxes, plain class names)
 ``region_acc``         region recognition, overall accuracy
-``region_r2t_r10``     region -> phrase recall@10;  ``region_t2r_r10``: phrase -> region
+``region_r2t_r1``      region -> phrase recall@1 over the split's whole phrase gallery
+``region_r2t_chance1`` its chance level (a random ranking of the gallery)
+``region_t2r_r1``      phrase -> region recall@1;  ``region_t2r_chance1``: its chance level
+``region_r2t_r10``     region -> phrase recall@10;  ``region_t2r_r10``: phrase -> region (detail)
 ``image_i2t_r1``       image -> caption recall@1;  ``image_t2i_r1``: caption -> image
 ``zeroshot_top1``      zero-shot classification top-1 (single-object images, class names)
 ``rec_acc50``          REC Acc@0.5 by ranking the image's GT boxes with this method's regions
+``rec_chance50``       its chance level (a random pick among the image's GT boxes)
+``rec_pool_acc50``     REC Acc@0.5 by ranking the image's GT boxes plus seeded distractor boxes
+``rec_pool_chance50``  its chance level (a random pick among those candidates)
 ``rec_head_acc50``     REC Acc@0.5 of the box head (``"cloc"`` row of a model with a box head)
 =====================  ==================================================================
+
+Chance levels (``*_chance*``, :attr:`RowField.chance_of`) are properties of the data, not of the
+model: every row of one evaluation carries the same value, tables show them beside their metric, and
+no ``model-index`` files them. *Detail* keys (:attr:`RowField.detail`: the recall@10 columns, which
+saturate on small phrase vocabularies) stay in rows, JSON and the ``model-index`` but are left out of
+summary tables.
+
+Rows averaged over seeds (:func:`aggregate_rows`) hold the mean of each metric, plus the
+:data:`SPREAD_KEYS`: ``seeds`` (how many), ``std`` (``{key: standard deviation over seeds}``) and
+``per_seed`` (``{key: [value of each seed]}``); tables print such a cell as ``mean ± std``.
 
 MLLM rows (``eval.mllm_rec.mllm_rows``: one per evaluated MLLM and REC split, ``name`` naming the
 MLLM, e.g. its tower) use ``rec_acc50`` for the Acc@0.5 of the **generated** box (scored as lmms-eval
@@ -117,6 +133,11 @@ class RowField:
     metric_name: str | None = None
     metric_config: str | None = None
     metric_args: Mapping[str, Any] | None = None
+    # The metric key whose chance level this key is (``None``: not a chance level). A chance level is a
+    # property of the data, shown beside its metric in tables and never filed in a model-index.
+    chance_of: str | None = None
+    # Left out of summary tables (kept in rows, JSON and the model-index): a saturated or secondary metric.
+    detail: bool = False
 
     @property
     def is_metric(self) -> bool:
@@ -131,10 +152,18 @@ FIELDS: tuple[RowField, ...] = (
              REGION_RECOGNITION, "mean_per_class_accuracy", "Region mAcc"),
     RowField("region_acc", "region acc", "region recognition, accuracy over all boxes",
              REGION_RECOGNITION, "accuracy", "Region accuracy (all boxes)"),
+    RowField("region_r2t_r1", "region→text R@1", "region -> phrase recall@1 over the split's phrase gallery",
+             REGION_RETRIEVAL, "recall@1", "Region→text R@1", "region-to-text"),
+    RowField("region_r2t_chance1", "(chance)", "chance level of region -> phrase recall@1",
+             chance_of="region_r2t_r1"),
+    RowField("region_t2r_r1", "text→region R@1", "phrase -> region recall@1",
+             REGION_RETRIEVAL, "recall@1", "Text→region R@1", "text-to-region"),
+    RowField("region_t2r_chance1", "(chance)", "chance level of phrase -> region recall@1",
+             chance_of="region_t2r_r1"),
     RowField("region_r2t_r10", "region→text R@10", "region -> phrase recall@10",
-             REGION_RETRIEVAL, "recall@10", "Region→text R@10", "region-to-text"),
+             REGION_RETRIEVAL, "recall@10", "Region→text R@10", "region-to-text", detail=True),
     RowField("region_t2r_r10", "text→region R@10", "phrase -> region recall@10",
-             REGION_RETRIEVAL, "recall@10", "Text→region R@10", "text-to-region"),
+             REGION_RETRIEVAL, "recall@10", "Text→region R@10", "text-to-region", detail=True),
     RowField("image_i2t_r1", "image→text R@1", "image -> caption recall@1",
              IMAGE_RETRIEVAL, "recall@1", "Image→text R@1", "image-to-text"),
     RowField("image_t2i_r1", "text→image R@1", "caption -> image recall@1",
@@ -143,6 +172,14 @@ FIELDS: tuple[RowField, ...] = (
              ZERO_SHOT, "accuracy", "Zero-shot top-1 accuracy"),
     RowField("rec_acc50", "REC Acc@0.5 (ranking)", "REC Acc@0.5, ranking the image's GT boxes by region-text similarity",
              REC, "accuracy", "REC Acc@0.5, ranking ground-truth boxes", "ranking", _IOU50),
+    RowField("rec_chance50", "(chance)", "chance level of REC Acc@0.5 ranking the image's GT boxes",
+             chance_of="rec_acc50"),
+    RowField("rec_pool_acc50", "REC Acc@0.5 (ranking GT + distractors)",
+             "REC Acc@0.5, ranking the image's GT boxes plus seeded distractor boxes",
+             REC, "accuracy", "REC Acc@0.5, ranking ground-truth and distractor boxes", "ranking-distractors",
+             _IOU50),
+    RowField("rec_pool_chance50", "(chance)", "chance level of REC Acc@0.5 ranking GT and distractor boxes",
+             chance_of="rec_pool_acc50"),
     RowField("rec_head_acc50", "REC Acc@0.5 (box head)", "REC Acc@0.5 of the box head's predicted box",
              REC, "accuracy", "REC Acc@0.5, box head", "box-head", _IOU50),
 )
@@ -161,7 +198,10 @@ MLLM_FIELDS: tuple[RowField, ...] = (
     RowField("ref_desc_acc", "referring desc acc", "referring description accuracy (exact phrase match)",
              REFERRING, "accuracy", "Referring description accuracy", "description"),
 )
-ID_KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS if not f.is_metric)  # keys naming the row
+ID_KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS if not f.is_metric and f.chance_of is None)  # name the row
+CHANCE_KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS if f.chance_of is not None)
+# Keys of rows averaged over seeds (aggregate_rows): not columns, the spread of the row's metrics.
+SPREAD_KEYS: tuple[str, ...] = ("seeds", "std", "per_seed")
 _ATTR_PREFIX, _ATTR_SUFFIX = "region_", "_acc"
 
 
@@ -200,16 +240,18 @@ def empty_row(name: str, model: str | None = None) -> dict[str, Any]:
     return row
 
 
-def summary_columns(rows: Sequence[Mapping[str, Any]], *, extra: bool = True) -> list[str]:
-    """The columns of a summary table: :data:`ROW_KEYS` order, attribute accuracies after
-    ``region_acc``, keys outside the schema last (only with ``extra``); columns empty in every row are
-    left out, ``name`` always stays."""
+def summary_columns(rows: Sequence[Mapping[str, Any]], *, extra: bool = True, details: bool = False) -> list[str]:
+    """The columns of a summary table: :data:`ROW_KEYS` order (each chance level right after its
+    metric), attribute accuracies after ``region_acc``, keys outside the schema last (only with
+    ``extra``; never the :data:`SPREAD_KEYS`); *detail* keys only with ``details`` (default off: a
+    summary shows the headline metrics). Columns empty in every row are left out, ``name`` always stays."""
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    fixed = [f.key for f in (*FIELDS, *MLLM_FIELDS)]
+    fixed = [f.key for f in (*FIELDS, *MLLM_FIELDS) if details or not f.detail]
+    schema = {f.key for f in (*FIELDS, *MLLM_FIELDS)}
     attrs = [k for k in keys if _attribute_of(k) is not None]
-    others = [k for k in keys if k not in fixed and k not in attrs] if extra else []
+    others = [k for k in keys if k not in schema and k not in attrs and k not in SPREAD_KEYS] if extra else []
     ordered: list[str] = []
     for key in fixed:
         ordered.append(key)
@@ -220,8 +262,57 @@ def summary_columns(rows: Sequence[Mapping[str, Any]], *, extra: bool = True) ->
 
 
 def metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The metric keys measured in at least one row, in :func:`summary_columns` order."""
-    return [k for k in summary_columns(rows, extra=False) if field_for(k).is_metric]
+    """The metric keys measured in at least one row, in :func:`summary_columns` order, detail keys
+    included and chance levels left out (what a ``model-index`` files)."""
+    return [k for k in summary_columns(rows, extra=False, details=True) if field_for(k).is_metric]
+
+
+# --- several seeds --------------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def aggregate_rows(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows of several seeds' runs of one evaluation as one table: mean ± standard deviation.
+
+    Args:
+        per_seed: per seed its rows, the same rows (``name`` and ``model``) in the same order.
+    Returns:
+        one row per row of the first seed: every numeric key (outside :data:`ID_KEYS`) is the mean of
+        the seeds that measured it (``None`` when none did), plus ``seeds`` (how many), ``std`` (the
+        sample standard deviation over the seeds that measured it, ``None`` with fewer than two) and
+        ``per_seed`` (each seed's value, ``None`` where one did not measure it); other keys (text such
+        as the demo's ``paper_sign``) come from the first seed. One seed gives its rows unchanged.
+    Raises:
+        ValueError: no seeds, or seeds whose rows differ in number, ``name`` or ``model``.
+    """
+    if not per_seed:
+        raise ValueError("aggregate_rows: no seeds")
+    if len(per_seed) == 1:
+        return [dict(row) for row in per_seed[0]]
+    ids = [[(r.get("name"), r.get("model")) for r in rows] for rows in per_seed]
+    for seed, seed_ids in enumerate(ids[1:], start=1):
+        if seed_ids != ids[0]:
+            raise ValueError(f"aggregate_rows: seed {seed}'s rows {seed_ids} differ from seed 0's {ids[0]}")
+    out = []
+    for group in zip(*per_seed):
+        row = {k: v for k, v in group[0].items() if k not in SPREAD_KEYS}
+        std, values_of = {}, {}
+        for key in row:
+            values = [r.get(key) for r in group]
+            if key in ID_KEYS or not any(_is_number(v) for v in values):
+                continue
+            measured = [float(v) for v in values if _is_number(v)]
+            mean = sum(measured) / len(measured)
+            row[key] = mean
+            values_of[key] = [float(v) if _is_number(v) else None for v in values]
+            std[key] = (math.sqrt(sum((v - mean) ** 2 for v in measured) / (len(measured) - 1))
+                        if len(measured) > 1 else None)
+        row.update(seeds=len(group), std=std, per_seed=values_of)
+        out.append(row)
+    return out
 
 
 # --- rendering ------------------------------------------------------------------------------------------
@@ -233,11 +324,14 @@ def column_title(key: str) -> str:
     return spec.title if spec is not None else key
 
 
-def format_value(value: Any) -> str:
-    """A table cell: ``-`` for ``None`` and NaN/inf, one decimal for floats, ``|`` escaped in text."""
+def format_value(value: Any, std: float | None = None) -> str:
+    """A table cell: ``-`` for ``None`` and NaN/inf, one decimal for floats (``mean ± std`` when a
+    finite ``std`` is given), ``|`` escaped in text."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     if isinstance(value, float):
+        if _is_number(std):
+            return f"{value:.1f} ± {std:.1f}"
         return f"{value:.1f}"
     return str(value).replace("|", "\\|")
 
@@ -245,11 +339,14 @@ def format_value(value: Any) -> str:
 def markdown_table(
     rows: Sequence[Mapping[str, Any]], columns: Sequence[str], titles: Mapping[str, str] | None = None
 ) -> str:
-    """A markdown table of ``rows`` with ``columns`` (titles from the schema unless ``titles`` names them)."""
+    """A markdown table of ``rows`` with ``columns`` (titles from the schema unless ``titles`` names them);
+    a row averaged over seeds (a ``std`` dict, :func:`aggregate_rows`) prints ``mean ± std``."""
     titles = titles or {}
     head = [titles.get(c, column_title(c)) for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(format_value(row.get(c)) for c in columns) + " |" for row in rows]
+    for row in rows:
+        std = row.get("std") if isinstance(row.get("std"), Mapping) else {}
+        lines.append("| " + " | ".join(format_value(row.get(c), std.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
 """Retrieval and zero-shot classification, all results in percent.
 
 * :func:`region_text_retrieval`: GRIT-style region <-> phrase recall@k over the (image, box, phrase)
-  triples of region samples, region embeddings by any method of :mod:`eval.baselines`;
+  triples of region samples, region embeddings by any method of :mod:`eval.baselines`; the phrase
+  gallery may be larger than the evaluated regions' phrases (``gallery``: e.g. every phrase of the
+  split, :func:`phrase_gallery`), and each recall comes with its chance level (:func:`chance_recall`);
 * :func:`image_text_retrieval`: image <-> caption recall@k (COCO/Flickr protocol: an image may have
   several captions);
 * :func:`zero_shot_classification`: top-1 (and top-5) over class-name prompts.
@@ -35,7 +37,7 @@ from eval.baselines import (
     encode_regions,
     encode_texts,
 )
-from eval.metrics import bidirectional_retrieval, topk_accuracy
+from eval.metrics import bidirectional_retrieval, retrieval_recall_at_k, topk_accuracy
 
 RETRIEVAL_KS = (1, 5, 10)
 
@@ -72,6 +74,25 @@ def deduplicate_texts(texts_per_item: Sequence[Sequence[str]]) -> tuple[list[str
     return unique, ids
 
 
+def phrase_gallery(samples: Iterable[RegionSample]) -> list[str]:
+    """The distinct region phrases of ``samples`` in first-seen order (:func:`text_key` decides sameness)."""
+    return deduplicate_texts([[r.phrase for r in s.regions] for s in samples])[0]
+
+
+def chance_recall(mask: torch.Tensor, k: int) -> float:
+    """Expected recall@k in percent of a uniformly random ranking, for a ``(queries, items)`` positives
+    mask: per query ``1 - C(N - P, k) / C(N, k)`` (N items, P of them positive), averaged."""
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    if mask.ndim != 2 or mask.shape[0] == 0:
+        raise ValueError(f"chance_recall needs a (queries, items) mask with queries, got {tuple(mask.shape)}")
+    n = mask.shape[1]
+    miss = torch.ones(mask.shape[0], dtype=torch.float64)
+    negatives = n - mask.sum(1).double()
+    for i in range(min(k, n)):  # probability that the first i+1 draws (without replacement) all miss
+        miss = miss * ((negatives - i).clamp(min=0) / (n - i))
+    return 100.0 * float((1 - miss).mean())
+
+
 def _retrieval(similarity: torch.Tensor, positives: list[list[int]], ks, names) -> dict[str, float]:
     mask = torch.zeros(similarity.shape, dtype=torch.bool)
     for row, ids in enumerate(positives):
@@ -87,12 +108,19 @@ def region_text_retrieval(
     method: str = "cloc",
     ks: Sequence[int] = RETRIEVAL_KS,
     options: EncodeOptions | None = None,
+    *,
+    gallery: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Region -> text and text -> region recall@k over every (box, phrase) of ``samples``.
 
-    Samples without regions are left out. Returns ``{"r2t_r1", ..., "t2r_r10", "num_regions",
-    "num_texts", "method"}``; ``num_texts`` counts
-    distinct phrases (the text gallery).
+    ``gallery``: more texts for the phrase gallery (default none), e.g. every phrase of the split when
+    only some of its images are evaluated (:func:`phrase_gallery`); they are region -> text
+    distractors only (a text no evaluated region carries is not a text -> region query), so a larger
+    gallery makes region -> text harder and leaves text -> region as it is.
+
+    Samples without regions are left out. Returns ``{"r2t_r1", ..., "t2r_r10", "r2t_chance1", ...,
+    "t2r_chance10", "num_regions", "num_texts", "num_queries_t2r", "method"}``; ``num_texts`` counts
+    the distinct texts of the gallery, ``*_chance<k>`` the recall@k of a random ranking.
     """
     check_method(method)
     items = [s for s in samples if s.regions]
@@ -102,10 +130,22 @@ def region_text_retrieval(
     region_embeds = torch.cat(regions) if regions else torch.zeros(0, 0)
     if len(region_embeds) == 0:
         raise ValueError("region_text_retrieval: no regions to evaluate")
-    texts, positives = deduplicate_texts([[r.phrase] for s in items for r in s.regions])
+    phrases = [[r.phrase] for s in items for r in s.regions]
+    texts, positives = deduplicate_texts([*phrases, list(gallery or ())])
+    positives = positives[: len(phrases)]  # the gallery's own "item" only collected its texts
     text_embeds = encode_texts(model, processor, texts, options)
-    out = _retrieval(region_embeds @ text_embeds.T, positives, ks, ("r2t", "t2r"))
-    out.update(method=method, num_regions=len(region_embeds), num_texts=len(texts))
+    mask = torch.zeros(len(region_embeds), len(texts), dtype=torch.bool)
+    for row, ids in enumerate(positives):
+        mask[row, ids] = True
+    similarity = region_embeds @ text_embeds.T
+    queried = mask.any(0)  # texts some evaluated region carries
+    out = {f"r2t_r{k}": v for k, v in retrieval_recall_at_k(similarity, mask, ks).items()}
+    out.update({f"t2r_r{k}": v for k, v in retrieval_recall_at_k(similarity.T[queried], mask.T[queried], ks).items()})
+    for k in ks:
+        out[f"r2t_chance{k}"] = chance_recall(mask, k)
+        out[f"t2r_chance{k}"] = chance_recall(mask.T[queried], k)
+    out.update(method=method, num_regions=len(region_embeds), num_texts=len(texts),
+               num_queries_t2r=int(queried.sum()))
     return out
 
 

@@ -7,8 +7,10 @@ with the region methods of :data:`METHODS`, and returns::
      "region": {method: {...}},               # full results per task (eval.region / retrieval / rec)
      "region_retrieval": {method: {...}},
      "image_retrieval": {...}, "zeroshot": {...},
-     "rec": {"box_head": {split: {...}} | None, "ranking": {method: {split: {...}}}},
-     "meta": {"data", "split", "tasks", "methods", "max_images", "model", "skipped", "data_skips", "seconds"}}
+     "rec": {"box_head": {split: {...}} | None, "ranking": {method: {split: {...}}},
+             "ranking_pool": {method: {split: {...}}} | None},
+     "meta": {"data", "split", "tasks", "methods", "max_images", "rec_pool", "model", "skipped", "data_skips",
+              "seconds"}}
 
 ``meta["skipped"]`` names the tasks that had no data and why; ``meta["data_skips"]`` counts, per source
 (``instances``, ``shards``, ``refs``), the records the readers dropped by reason. Every task reads
@@ -18,7 +20,9 @@ refs) or the shard reader, with the same skip rules as the training data, and vi
 A ROW is the summary of one region method: the keys of :data:`eval.results.ROW_KEYS` plus
 ``region_<attribute>_acc`` for each class attribute of the data, in percent, ``None`` where the method
 has no such output or the task did not run (:mod:`eval.results` says what each key means). REC rows
-use the ``split`` argument; every split is in ``"rec"``.
+use the ``split`` argument; every split is in ``"rec"``. Region-text retrieval ranks against the
+phrase gallery of the whole split (every shard sample's phrases, also when ``max_images`` evaluates
+only the first images), so that its recall@1 is not a few-phrase multiple choice.
 
 Data layouts (:func:`resolve_data`): a synthetic dataset written by
 :func:`cloc_data.synthetic.write_synthetic_dataset` (found by its ``dataset_info.json``), or a folder
@@ -29,6 +33,7 @@ and refer-style ``refs(*).p|json`` + ``instances.json``. Any path can be given e
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -38,16 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloc_data.format import RegionSample
+from cloc_data.shards import SkipCounter, list_shards
 from eval.baselines import EncodeOptions, check_method
-from eval.rec import RecImageView, evaluate_rec, load_refs
+from eval.rec import POOL_SIZE, RecImageView, evaluate_rec, load_refs
 from eval.region import RegionRecognitionView, load_coco_regions, region_recognition
-from eval.retrieval import (
-    image_text_retrieval,
-    read_shard_samples,
-    region_text_retrieval,
-    sample_captions,
-    zero_shot_classification,
-)
 from eval.results import (  # noqa: F401  (METHODS, ROW_KEYS, jsonable, save_results: this module's API too)
     METHODS,
     ROW_KEYS,
@@ -56,8 +56,14 @@ from eval.results import (  # noqa: F401  (METHODS, ROW_KEYS, jsonable, save_res
     jsonable,
     save_results,
 )
-from cloc_data.format import RegionSample
-from cloc_data.shards import SkipCounter, list_shards
+from eval.retrieval import (
+    image_text_retrieval,
+    phrase_gallery,
+    read_shard_samples,
+    region_text_retrieval,
+    sample_captions,
+    zero_shot_classification,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +175,11 @@ def resolve_data(
 class _Run:
     """Holds the state of one :func:`evaluate` call: loaded data (once per task family), results, timings."""
 
-    def __init__(self, model, processor, data: EvalData, split: str, max_images, options, templates):
+    def __init__(self, model, processor, data: EvalData, split: str, max_images, options, templates,
+                 rec_pool: int = POOL_SIZE):
         self.model, self.processor, self.data = model, processor, data
         self.split, self.max_images, self.options, self.templates = split, max_images, options, templates
+        self.rec_pool = rec_pool
         self.results: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
@@ -231,6 +239,12 @@ class _Run:
             items = [img.as_sample() for img in self.rec_data()[self.split]]
         return items
 
+    def gallery(self) -> list[str]:
+        """Every region phrase of the split's shards (all samples, not only the first ``max_images``)."""
+        if self.max_images is None or not self.data.shards:
+            return phrase_gallery(self.samples())
+        return phrase_gallery(read_shard_samples(self.data.shards, None, SkipCounter("samples (gallery)")))
+
     def data_skips(self) -> dict[str, dict[str, int]]:
         """``{source: {reason: count}}`` of the records the readers dropped (sources with drops only)."""
         return {name: dict(sorted(c.counts.items())) for name, c in self.dropped.items() if c.total}
@@ -262,10 +276,11 @@ class _Run:
         if not items:
             self.skipped["region_retrieval"] = "no shards with regions (and no refs of this split)"
             return
+        gallery = self.gallery() if self.samples() else []  # refer-only data: its expressions only
         self.results["region_retrieval"] = {
             m: self.timed(
                 f"region_retrieval/{m}",
-                region_text_retrieval,
+                functools.partial(region_text_retrieval, gallery=gallery),
                 self.model,
                 self.processor,
                 items,
@@ -315,7 +330,8 @@ class _Run:
             self.skipped["rec"] = "no refs file with expressions for the instances given"
             return
         self.results["rec"] = self.timed(
-            "rec", evaluate_rec, self.model, self.processor, data, methods, "cloc" in methods, self.options
+            "rec", evaluate_rec, self.model, self.processor, data, methods, "cloc" in methods, self.options,
+            self.rec_pool,
         )
 
 
@@ -339,12 +355,15 @@ def build_rows(
         row["region_macc"], row["region_acc"] = region.get("macc"), region.get("acc")
         for attr in attributes:
             row[attribute_key(attr)] = _get(region, "attributes", attr)
-        row["region_r2t_r10"] = _get(results, "region_retrieval", method, "r2t_r10")
-        row["region_t2r_r10"] = _get(results, "region_retrieval", method, "t2r_r10")
+        for key in ("r2t_r1", "r2t_chance1", "t2r_r1", "t2r_chance1", "r2t_r10", "t2r_r10"):
+            row[f"region_{key}"] = _get(results, "region_retrieval", method, key)
         row["image_i2t_r1"] = _get(results, "image_retrieval", "i2t_r1")
         row["image_t2i_r1"] = _get(results, "image_retrieval", "t2i_r1")
         row["zeroshot_top1"] = _get(results, "zeroshot", "top1")
         row["rec_acc50"] = _get(results, "rec", "ranking", method, split, "acc@0.5")
+        row["rec_chance50"] = _get(results, "rec", "ranking", method, split, "chance_acc@0.5")
+        row["rec_pool_acc50"] = _get(results, "rec", "ranking_pool", method, split, "acc@0.5")
+        row["rec_pool_chance50"] = _get(results, "rec", "ranking_pool", method, split, "chance_acc@0.5")
         if method == "cloc":
             row["rec_head_acc50"] = _get(results, "rec", "box_head", split, "acc@0.5")
         rows.append(row)
@@ -363,6 +382,7 @@ def evaluate(
     options: EncodeOptions | None = None,
     zeroshot_templates: Sequence[str] | None = None,
     model_name: str | None = None,
+    rec_pool: int = POOL_SIZE,
 ) -> dict[str, Any]:
     """Run ``tasks`` with region ``methods`` on the data in ``data_dir``; results in percent.
 
@@ -377,6 +397,8 @@ def evaluate(
         zeroshot_templates: prompt templates with ``{}`` for zero-shot classification (default: none,
             the plain class names).
         model_name: written into every row.
+        rec_pool: candidates per image of REC by ranking over ground-truth plus distractor boxes
+            (default :data:`eval.rec.POOL_SIZE`; 0 skips that protocol).
     Returns:
         the JSON-ready dict described in the module docstring (NaN written as ``None``).
     """
@@ -385,7 +407,7 @@ def evaluate(
         raise ValueError(f"unknown tasks {unknown}; expected a subset of {TASKS}")
     methods = [check_method(m) for m in methods]
     data = data_dir if isinstance(data_dir, EvalData) else resolve_data(data_dir, split)
-    run = _Run(model, processor, data, split, max_images, options or EncodeOptions(), zeroshot_templates)
+    run = _Run(model, processor, data, split, max_images, options or EncodeOptions(), zeroshot_templates, rec_pool)
     for task in TASKS:  # fixed order: tasks sharing data load it once
         if task in tasks:
             logger.info("evaluating %s", task)
@@ -398,6 +420,7 @@ def evaluate(
         "tasks": [t for t in TASKS if t in tasks],
         "methods": list(methods),
         "max_images": max_images,
+        "rec_pool": rec_pool,
         "model": model_name,
         "skipped": run.skipped,
         "data_skips": run.data_skips(),

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import cloc_hf
 from cloc_data.shards import SkipCounter
 from cloc_data.synthetic import SyntheticSceneConfig, write_synthetic_dataset
+from cloc_hf.box_ops import box_iou
 from cloc_hf.processing_cloc import CLOCProcessor
 from eval.baselines import (
     EncodeOptions,
@@ -470,10 +471,19 @@ def test_evaluate_runs_every_task_and_method(model, processor, synthetic):
         for key, value in row.items():
             if key not in ("name", "model"):
                 assert _in_range(value), (row["name"], key, value)
-        for key in ("region_macc", "region_r2t_r10", "region_t2r_r10", "image_i2t_r1", "rec_acc50"):
+        for key in ("region_macc", "region_r2t_r10", "region_t2r_r10", "image_i2t_r1", "rec_acc50",
+                    "region_r2t_r1", "region_r2t_chance1", "region_t2r_r1", "region_t2r_chance1", "rec_chance50",
+                    "rec_pool_acc50", "rec_pool_chance50"):
             assert row[key] is not None, key
         assert (row["rec_head_acc50"] is not None) == (row["name"] == "cloc")
+        assert row["rec_pool_chance50"] < row["rec_chance50"]
     assert results["region"]["cloc"]["num_images"] == 6
+    # retrieval ranks against every phrase of the split, not only those of the 6 evaluated images
+    split_phrases = {r.phrase for s in read_shard_samples(synthetic / "test") for r in s.regions}
+    evaluated = {r.phrase for s in read_shard_samples(synthetic / "test", max_images=6) for r in s.regions}
+    assert results["region_retrieval"]["cloc"]["num_texts"] == len(split_phrases) > len(evaluated)
+    assert results["region_retrieval"]["cloc"]["num_queries_t2r"] == len(evaluated)
+    assert results["rec"]["ranking_pool"]["cloc"]["test"]["num_candidates"] == 20
     assert set(results["rec"]["box_head"]) == {"val", "test"}
     assert results["zeroshot"]["num_images"] >= 1
     json.dumps(results, allow_nan=False)  # strict JSON
@@ -544,7 +554,9 @@ def test_schema_columns_titles_and_model_index_ids():
 
     for key in ROW_KEYS:
         spec = field_for(key)
-        assert spec.title and spec.meaning and (spec.is_metric == (key not in ("name", "model")))
+        chance = spec.chance_of is not None
+        assert spec.title and spec.meaning and (spec.is_metric == (key not in ("name", "model") and not chance))
+        assert not chance or field_for(spec.chance_of).is_metric, key
         assert f"``{key}``" in eval.results.__doc__, f"{key} is missing from the schema's table"
     shape = field_for("region_shape_acc")
     assert (shape.title, shape.metric_config, shape.task.type) == ("shape acc", "shape", "image-classification")
@@ -560,3 +572,114 @@ def test_results_file_round_trip_is_strict_json(tmp_path):
     (tmp_path / "bad.json").write_text('{"region": {}}')
     with pytest.raises(ValueError, match="bad.json.*rows"):
         load_results(tmp_path / "bad.json")
+
+
+def test_headline_columns_put_chance_beside_its_metric_and_leave_saturated_recall_to_the_json():
+    from eval.results import CHANCE_KEYS, field_for, metric_keys, summary_columns
+
+    row = {"name": "cloc", "region_r2t_r10": 100.0, "region_r2t_r1": 60.0, "region_r2t_chance1": 2.5,
+           "rec_acc50": 90.0, "rec_chance50": 51.0, "rec_pool_acc50": 70.0, "rec_pool_chance50": 6.0}
+    assert summary_columns([row]) == ["name", "region_r2t_r1", "region_r2t_chance1", "rec_acc50", "rec_chance50",
+                                      "rec_pool_acc50", "rec_pool_chance50"]
+    assert "region_r2t_r10" in summary_columns([row], details=True)
+    # the model-index keeps recall@10 and never files a chance level
+    assert metric_keys([row]) == ["region_r2t_r1", "region_r2t_r10", "rec_acc50", "rec_pool_acc50"]
+    assert set(CHANCE_KEYS) == {"region_r2t_chance1", "region_t2r_chance1", "rec_chance50", "rec_pool_chance50"}
+    assert field_for("rec_pool_chance50").chance_of == "rec_pool_acc50"
+    assert "R@10" not in render_markdown([row]) and "| 60.0 | 2.5 |" in render_markdown([row])
+
+
+def test_rows_of_several_seeds_become_mean_and_std():
+    from eval.results import aggregate_rows, markdown_table, summary_columns
+
+    seeds = [
+        [{"name": "cloc", "model": "m", "region_macc": 70.0, "rec_head_acc50": None, "paper_sign": "lower"}],
+        [{"name": "cloc", "model": "m", "region_macc": 80.0, "rec_head_acc50": 40.0, "paper_sign": "lower"}],
+        [{"name": "cloc", "model": "m", "region_macc": 90.0, "rec_head_acc50": 50.0, "paper_sign": "lower"}],
+    ]
+    (row,) = aggregate_rows(seeds)
+    assert row["region_macc"] == pytest.approx(80.0) and row["std"]["region_macc"] == pytest.approx(10.0)
+    assert row["per_seed"]["region_macc"] == [70.0, 80.0, 90.0] and row["seeds"] == 3
+    # a seed without a value is left out of its mean and kept as None in per_seed
+    assert row["rec_head_acc50"] == pytest.approx(45.0) and row["per_seed"]["rec_head_acc50"] == [None, 40.0, 50.0]
+    assert row["paper_sign"] == "lower" and row["model"] == "m"
+    assert summary_columns([row]) == ["name", "model", "region_macc", "rec_head_acc50", "paper_sign"]
+    assert "| cloc | m | 80.0 ± 10.0 | 45.0 ± 7.1 | lower |" in markdown_table([row], summary_columns([row]))
+    assert aggregate_rows(seeds[:1]) == seeds[0]  # one seed: its rows as they are, no spread
+    with pytest.raises(ValueError, match="seed 1's rows"):
+        aggregate_rows([seeds[0], [{"name": "clip-roi", "model": "m"}]])
+
+
+def test_chance_recall_by_hand():
+    from eval.retrieval import chance_recall
+
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    # query 1: 1 of 4 -> R@1 1/4, R@2 1/2; query 2: 2 of 4 -> R@1 1/2, R@2 1 - (2/4)(1/3) = 5/6
+    assert chance_recall(mask, 1) == pytest.approx(100 * (1 / 4 + 1 / 2) / 2)
+    assert chance_recall(mask, 2) == pytest.approx(100 * (1 / 2 + 5 / 6) / 2)
+    assert chance_recall(mask, 10) == pytest.approx(100.0)
+
+
+def test_region_retrieval_gallery_adds_distractor_texts_for_region_to_text_only(
+    model, processor, synthetic, monkeypatch
+):
+    samples = read_shard_samples(synthetic / "test", max_images=2)
+    phrases = [r.phrase for s in samples for r in s.regions]
+    texts, _ = deduplicate_texts([phrases])
+    _patch_regions(monkeypatch, model, [encode_texts(model, processor, [r.phrase for r in s.regions]) for s in samples])
+    base = region_text_retrieval(model, processor, samples, "cloc", options=ONE_CHUNK)
+    assert base["r2t_r1"] == pytest.approx(100.0) and base["num_texts"] == len(texts)
+    assert base["r2t_chance1"] == pytest.approx(100.0 / len(texts))
+    # the gallery holds one text equal to a region's phrase (a duplicate, ignored) and two new ones
+    wider = region_text_retrieval(model, processor, samples, "cloc", options=ONE_CHUNK,
+                                  gallery=[phrases[0].upper(), "a zebra", "a lonely tree"])
+    assert wider["num_texts"] == len(texts) + 2 and wider["num_queries_t2r"] == len(texts)
+    assert wider["r2t_chance1"] == pytest.approx(100.0 / (len(texts) + 2))
+    assert wider["t2r_r1"] == base["t2r_r1"] and wider["t2r_chance1"] == base["t2r_chance1"]
+    assert wider["r2t_r1"] == pytest.approx(100.0)
+
+
+def test_pool_candidates_are_seeded_distractors_after_the_gt_boxes(messy_refs):
+    from eval.rec import pool_candidates
+
+    args = (messy_refs / "refs(test).json", messy_refs / "instances.json", messy_refs / "images")
+    images = load_refs(*args, splits=("val",))["val"]  # a 40x20 image with 3 candidates, a 30x30 with 1
+    pools = pool_candidates(images, size=8, seed=5)
+    assert [len(p) for p in pools] == [8, 8]
+    for img, pool in zip(images, pools):
+        torch.testing.assert_close(pool[: len(img.candidates)], img.candidates)
+        width, height = img.refs[0].width, img.refs[0].height
+        assert (pool[:, 2:] > pool[:, :2]).all()
+        assert (pool[:, :2] >= 0).all() and (pool[:, 2] <= width + 1e-4).all() and (pool[:, 3] <= height + 1e-4).all()
+    # the second image's 7 distractors: 3 boxes of the first image in its own 30x30 frame, then 4 random
+    first = images[0].candidates / torch.tensor([40.0, 20, 40, 20])
+    moved = pools[1][1:4] / 30
+    assert all(any(torch.allclose(m, f, atol=1e-5) for f in first) for m in moved)
+    for a, b in zip(pools, pool_candidates(images, size=8, seed=5)):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(pools[1], pool_candidates(images, size=8, seed=6)[1])
+    assert [len(p) for p in pool_candidates(images, size=2)] == [3, 2]  # never fewer than the GT boxes
+
+
+def test_rec_ranking_over_distractors_has_low_chance(model, processor, messy_refs, monkeypatch):
+    from eval.rec import pool_candidates
+
+    args = (messy_refs / "refs(test).json", messy_refs / "instances.json", messy_refs / "images")
+    (image,) = load_refs(*args, splits=("val",), max_images=1)["val"]
+    pool = pool_candidates([image], size=10, seed=0)[0]
+    red, corner = encode_texts(model, processor, ["the red box", "the corner"])
+    others = F.normalize(torch.randn(7, red.shape[0], generator=torch.Generator().manual_seed(0)), dim=-1)
+    _patch_regions(monkeypatch, model, [torch.cat([torch.stack([red, others[0], corner]), others])])
+    result = rec_by_ranking(model, processor, [image], "cloc", ONE_CHUNK, candidates=[pool])
+    assert result["acc@0.5"] == pytest.approx(100.0) and result["num_candidates"] == 10
+    hits = [int((box_iou(pool.double(), t[None].double())[:, 0] >= 0.5).sum()) for t in image.targets]
+    assert result["chance_acc@0.5"] == pytest.approx(100 * sum(h / 10 for h in hits) / 2)
+    assert result["chance_acc@0.5"] < 100 / 3  # below the GT-only protocol's chance
+    # a distractor that looks like the expression wins: wrong (it does not overlap the referred box)
+    far = next(j for j in range(3, 10) if box_iou(pool[j : j + 1].double(), image.targets[:1])[0, 0] < 0.5)
+    embeds = torch.cat([torch.stack([red, others[0], corner]), others])
+    embeds[far], embeds[0] = red, F.normalize(red + others[1], dim=-1)  # the referred box now scores lower
+    _patch_regions(monkeypatch, model, [embeds])
+    assert rec_by_ranking(model, processor, [image], "cloc", ONE_CHUNK, candidates=[pool])["acc@0.5"] == 50.0
+    with pytest.raises(ValueError, match="1 images but 2 candidate sets"):
+        rec_by_ranking(model, processor, [image], "cloc", ONE_CHUNK, candidates=[pool, pool])
