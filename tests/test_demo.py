@@ -16,7 +16,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     names = [row["name"] for row in report["rows"]]
     assert names == ["clip-crop", "clip-maskbg", "clip-roi", "cloc"]
     required = ("region_macc", "region_r2t_r10", "region_t2r_r10", "image_i2t_r1", "image_t2i_r1", "rec_acc50",
-                "region_shape_acc", "region_colour_acc")
+                "region_shape_acc", "region_colour_acc", "region_r2t_r1", "region_r2t_chance1", "rec_chance50",
+                "rec_pool_acc50", "rec_pool_chance50")
     for row in report["rows"]:
         for key in required:
             assert key in row
@@ -30,7 +31,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert saved["rows"] == json.loads(json.dumps(report["rows"]))
     for picture in ("learning_curves.png", "examples.png"):
         assert (tmp_path / picture).stat().st_size > 1000
-    assert "Equal steps" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "Equal steps" in text and "What CLOC trains on" in text and "the val split" in text
+    assert "| (chance) |" in text and "R@10" not in text  # chance beside its metric; saturated recall in JSON only
+    assert "Steps to region mAcc" in text and "±" not in text  # one seed: plain numbers
+    assert report["seeds"] == [1] and not (tmp_path / "seed1").exists()  # one seed: the layout as before
+    assert {(r["run"], r["method"]) for r in report["steps_to_accuracy"]} >= {("cloc", "cloc"), ("clip", "clip-roi"),
+                                                                              ("clip-time", "clip-maskbg")}
     assert type(AutoModel.from_pretrained(tmp_path / "cloc")).__name__ == "CLOCModel"
     from huggingface_hub import ModelCard
 
@@ -75,6 +82,11 @@ RESOLVED_BEFORE = {
         ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "roi_align", "attention", True),
     "ablations/ablation-no_text_filter":
         ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, None, "transformer", "attention", True),
+    # added with issue 11: the paper's threshold back in Table 2, and the noisy-label row in the main demo
+    "ablations/ablation-text_filter_0.9":
+        ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9, "transformer", "attention", True),
+    "demo/ablation-noisy_labels":
+        ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "attention", True),
     "ablations/ablation-no_grounding":
         ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "attention", False),
     "ablations/ablation-m2": ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 2, 0.9999, "transformer", "attention", True),
@@ -120,7 +132,10 @@ def test_presets_resolve_to_the_same_runs_as_before(tmp_path):
         seen.add(preset_name)
     assert seen == {"demo", "long", "ablations"}
     assert resolve_preset("ablations").ablations == (
-        "roi_align", "no_text_filter", "no_grounding", "m2", "noisy_labels", "prompt_token")
+        "roi_align", "no_text_filter", "text_filter_0.9", "no_grounding", "m2", "noisy_labels", "prompt_token")
+    assert resolve_preset("demo").ablations == ("noisy_labels",)
+    # every preset but the ablations compares with CLIP at equal wall-clock too
+    assert [resolve_preset(n).equal_time_run for n in ("demo", "long", "ablations")] == [True, True, False]
 
 
 def test_presets_are_overrides_not_a_mirror_of_pretrain_config():
@@ -141,3 +156,97 @@ def test_presets_are_overrides_not_a_mirror_of_pretrain_config():
         resolve_preset("demo", {"ablations": ("no_such_row",)})
     with pytest.raises(ValueError, match=r"\['seed'\] are set by the demo"):
         run_config("x", Path("."), Path("."), resolve_preset("demo"), "cloc", 1, 0, {"seed": 3})
+
+
+@pytest.mark.slow
+def test_several_seeds_give_mean_and_std_and_keep_each_seed(tmp_path):
+    from cloc_demo.demo import run_demo
+
+    report = run_demo("smoke", tmp_path, seed=3, seeds=2, overrides={"ablations": ("noisy_labels",)})
+    assert report["seeds"] == [3, 4]
+    seed_reports = [json.loads((tmp_path / f"seed{s}" / "report.json").read_text()) for s in (3, 4)]
+    assert [r["seeds"] for r in seed_reports] == [[3], [4]]
+    cloc = next(r for r in report["rows"] if r["name"] == "cloc")
+    per_seed = [next(r for r in sr["rows"] if r["name"] == "cloc")["region_macc"] for sr in seed_reports]
+    assert cloc["per_seed"]["region_macc"] == per_seed and cloc["seeds"] == 2
+    assert cloc["region_macc"] == pytest.approx(sum(per_seed) / 2) and cloc["std"]["region_macc"] is not None
+    assert report["goals"]["region_macc_gap_equal_steps"]["cloc"] == pytest.approx(cloc["region_macc"])  # the mean
+    (noisy,) = report["ablations"]
+    deltas = [sr["ablations"][0]["region_macc"] - p for sr, p in zip(seed_reports, per_seed)]
+    assert noisy["per_seed"]["vs_cloc"] == pytest.approx(deltas)  # paired with each seed's own CLOC run
+    assert [p["seed"] for p in report["per_seed"]] == [3, 4] and report["per_seed"][1]["rows"] == seed_reports[1]["rows"]
+    assert len(report["steps_to_accuracy"][0]["per_seed"]) == 2
+    assert report["goals"]["steps_to_80"]["cloc_steps"] == [None, None]
+    text = (tmp_path / "report.md").read_text()
+    assert "2 seeds (3, 4)" in text and " ± " in text and "cloc-noisy_labels" in text
+    assert (tmp_path / "cloc").exists() is False and (tmp_path / "seed4" / "cloc" / "README.md").exists()
+    assert (tmp_path / "learning_curves.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "report.json").read_text())["seeds"] == [3, 4]
+
+
+def _curve(*points):
+    return [{"step": step, "elapsed": step / 10, "cloc": {"macc": macc}} for step, macc in points]
+
+
+def test_steps_to_accuracy_reads_the_first_val_point_at_each_level():
+    from cloc_demo.report import first_reached, steps_table, steps_to_accuracy
+
+    curve = _curve((0, 3.0), (100, 55.0), (200, 49.0), (300, 85.0))
+    assert first_reached(curve, "cloc", 50) == {"step": 100, "seconds": 10.0}
+    assert first_reached(curve, "cloc", 80)["step"] == 300 and first_reached(curve, "cloc", 90) is None
+    clip = [{"step": s, "elapsed": s / 8, "clip-crop": {"macc": m}, "clip-roi": {"macc": 1.0}}
+            for s, m in ((0, 1.0), (300, 60.0))]
+    rows = steps_to_accuracy({"cloc": {"steps": 300, "curve": curve}, "clip": {"steps": 300, "curve": clip}})
+    assert [(r["run"], r["method"]) for r in rows] == [("cloc", "cloc"), ("clip", "clip-crop"), ("clip", "clip-roi")]
+    assert rows[1]["reached"] == {"50": {"step": 300, "seconds": 37.5}, "80": None, "90": None}
+    text = steps_table(rows)
+    assert "| cloc | cloc | 100 (10 s) | 300 (30 s) | not reached in 300 |" in text
+    two = [{"run": "cloc", "method": "cloc", "per_seed": [rows[0], {**rows[0], "reached": {"50": None, "80": None,
+                                                                                          "90": None}}]}]
+    assert "100 (10 s) / not reached in 300" in steps_table(two)
+
+
+def test_steps_goal_counts_a_clip_run_that_never_gets_there_as_its_length():
+    from cloc_demo.report import steps_goal
+
+    def rows(cloc_step, clip_step, length=1500):
+        def reached(step):
+            return {"80": None if step is None else {"step": step, "seconds": 1.0}}
+
+        return [{"run": "cloc", "method": "cloc", "steps": length, "reached": reached(cloc_step)},
+                {"run": "clip", "method": "clip-crop", "steps": length, "reached": reached(clip_step)},
+                {"run": "clip", "method": "clip-maskbg", "steps": length, "reached": reached(None)},
+                {"run": "clip-time", "method": "clip-maskbg", "steps": 2000, "reached": reached(250)}]
+
+    # CLIP never reaches 80 in 1,500 steps: counted as 1,500, so CLOC at 500 and 750 (mean 625) is within half
+    goal = steps_goal([rows(500, None), rows(750, None)], 80.0, 0.5)
+    assert goal["best_clip_steps"] == [1500, 1500] and goal["clip_reached"] == [False, False]
+    assert goal["cloc_mean"] == 625 and goal["met"] is True
+    goal = steps_goal([rows(500, 900), rows(750, None)], 80.0, 0.5)  # mean 1,200: 625 > 600
+    assert goal["best_clip_mean"] == 1200 and goal["met"] is False
+    assert steps_goal([rows(None, 900)], 80.0, 0.5)["met"] is False  # CLOC not there: no claim
+    assert steps_goal([rows(100, 900)], 80.0, None)["met"] is None  # no goal set
+
+
+def test_demo_cli_passes_seeds(monkeypatch, tmp_path):
+    import cloc_demo.demo as demo
+
+    calls = []
+
+    def fake(preset, out, seed, overrides, seeds=1):
+        calls.append((preset, str(out), seed, overrides, seeds))
+        (Path(out) / "report.md").parent.mkdir(parents=True, exist_ok=True)
+        (Path(out) / "report.md").write_text("report")
+        return {"total_seconds": 0.0}
+
+    monkeypatch.setattr(demo, "run_demo", fake)
+    assert demo.main(["--preset", "ablations", "--seeds", "3", "--out", str(tmp_path)]) == 0
+    assert demo.main(["--out", str(tmp_path)]) == 0
+    assert [c[4] for c in calls] == [3, 1] and calls[0][0] == "ablations"
+
+
+def test_run_demo_rejects_zero_seeds(tmp_path):
+    from cloc_demo.demo import run_demo
+
+    with pytest.raises(ValueError, match="seeds must be at least 1"):
+        run_demo("smoke", tmp_path, seeds=0)
