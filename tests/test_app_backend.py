@@ -67,9 +67,17 @@ def ckpt(tmp_path_factory):
     return make_checkpoints(tmp_path_factory.mktemp("app"))
 
 
-@pytest.fixture
-def backend(ckpt):
+@pytest.fixture(scope="module")
+def loaded(ckpt):
     return ab.AppBackend.from_paths(ckpt["cloc"], ckpt["clip"], None)
+
+
+@pytest.fixture
+def backend(loaded):
+    """The module's backend (loaded once), without an MLLM for each test."""
+    loaded.generator = None
+    yield loaded
+    loaded.generator = None
 
 
 def _png(image: PIL.Image.Image) -> bytes:
@@ -168,22 +176,25 @@ def test_scenes_and_default_vocabulary(ckpt):
 
 # --- caching and labels --------------------------------------------------------------------------------
 def test_vit_runs_once_per_image_however_many_prompts(backend):
-    calls = []
+    calls, start = [], backend.vit_passes
     original = backend.cloc.vision_model.forward
     backend.cloc.vision_model.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
-    first, _ = backend.add_image(_png(_scene()))
-    for box in ([0, 0, 20, 10], [5, 5, 40, 20], [10, 0, 30, 20]):
-        backend.classify(first, VOCAB, box=box)
-    backend.classify(first, VOCAB, point=[12, 7])
-    backend.ground(first, "a red circle", candidates=[[0, 0, 20, 10], [20, 10, 40, 20]])
-    assert len(calls) == backend.vit_passes == 1
-    again, _ = backend.add_image(_scene())  # the same picture as a PIL image: same cache entry
-    assert again == first
-    backend.classify(again, VOCAB, box=[1, 1, 9, 9])
-    assert len(calls) == backend.vit_passes == 1
-    second, _ = backend.add_image(_scene(seed=1))
-    backend.classify(second, VOCAB, box=[1, 1, 9, 9])
-    assert len(calls) == backend.vit_passes == 2
+    try:
+        first, _ = backend.add_image(_png(_scene(seed=10)))
+        for box in ([0, 0, 20, 10], [5, 5, 40, 20], [10, 0, 30, 20]):
+            backend.classify(first, VOCAB, box=box)
+        backend.classify(first, VOCAB, point=[12, 7])
+        backend.ground(first, "a red circle", candidates=[[0, 0, 20, 10], [20, 10, 40, 20]])
+        assert len(calls) == backend.vit_passes - start == 1
+        again, _ = backend.add_image(_scene(seed=10))  # the same picture as a PIL image: same cache entry
+        assert again == first
+        backend.classify(again, VOCAB, box=[1, 1, 9, 9])
+        assert len(calls) == backend.vit_passes - start == 1
+        second, _ = backend.add_image(_scene(seed=11))
+        backend.classify(second, VOCAB, box=[1, 1, 9, 9])
+        assert len(calls) == backend.vit_passes - start == 2
+    finally:
+        del backend.cloc.vision_model.forward
 
 
 def test_top5_equals_the_evaluation_embeddings(backend):
