@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from transformers import LlavaConfig
 
-from cloc_hf.configuration_cloc import CLOCPrompterConfig
+from cloc_hf.configuration_cloc import CLOCPrompterConfig, CLOCVisionConfig
+
+from .remote_code import SelfContainedCodeMixin
 
 PROMPTER_TOWER_TYPES = ("cloc_vision_model",)
 """Vision ``model_type`` values whose tokens a CLOC Prompter was trained on."""
 
 
-class CLOCLlavaConfig(LlavaConfig):
+class CLOCLlavaConfig(SelfContainedCodeMixin, LlavaConfig):
     r"""``LlavaConfig`` with a region encoder and a ``<region>`` token.
 
     Args (beyond ``LlavaConfig``'s):
@@ -57,6 +59,10 @@ class CLOCLlavaConfig(LlavaConfig):
     roi_output_size: int = 2
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.vision_config, dict) and self.vision_config.get("model_type") == CLOCVisionConfig.model_type:
+            # built here rather than through AutoConfig, so a saved config loads with remote code too
+            # (where the CLOC classes are not registered with transformers)
+            self.vision_config = CLOCVisionConfig(**self.vision_config)
         super().__post_init__(**kwargs)
         if isinstance(self.prompter_config, dict):
             self.prompter_config = CLOCPrompterConfig(**self.prompter_config)

@@ -34,10 +34,13 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from cloc_hf.box_ops import grid_side, roi_align_patch_tokens, validate_boxes, validate_points
+from cloc_hf.configuration_cloc import CLOCVisionConfig
 from cloc_hf.modeling_prompter import CLOCPositionEncoding, CLOCPrompter
+from cloc_hf.modeling_vision import CLOCVisionModel
 from cloc_hf.prompts import flatten_per_image
 
 from .configuration_llava import CLOCLlavaConfig
+from .remote_code import SelfContainedCodeMixin
 
 REGION_INPUTS = ("region_boxes", "region_points")
 """Forward arguments that carry region prompts; dropped after the prefill step of ``generate``."""
@@ -114,7 +117,7 @@ class CLOCLlavaRegionEncoder(nn.Module):
         return self.projector(features), counts
 
 
-class CLOCLlavaPreTrainedModel(LlavaPreTrainedModel):
+class CLOCLlavaPreTrainedModel(SelfContainedCodeMixin, LlavaPreTrainedModel):
     """LLaVA's init, plus the Prompter's position-code buffers (lost when a model is built on the meta device)."""
 
     config: CLOCLlavaConfig
@@ -129,12 +132,20 @@ class CLOCLlavaPreTrainedModel(LlavaPreTrainedModel):
                 init.normal_(module.frequencies, std=module.temperature**0.5)
 
 
+def _build_tower(vision_config) -> nn.Module:
+    """``AutoModel.from_config(vision_config)``, except that a CLOC tower is built by its class: in a folder
+    loaded with ``trust_remote_code`` the CLOC classes are copies that transformers' registry does not know."""
+    if getattr(vision_config, "model_type", None) == CLOCVisionConfig.model_type:
+        return CLOCVisionModel._from_config(vision_config)
+    return AutoModel.from_config(vision_config)
+
+
 class CLOCLlavaModel(CLOCLlavaPreTrainedModel, LlavaModel):
     """``LlavaModel`` + :class:`CLOCLlavaRegionEncoder` (``region_encoder``)."""
 
     def __init__(self, config: CLOCLlavaConfig):
         CLOCLlavaPreTrainedModel.__init__(self, config)  # LlavaModel.__init__'s body, plus the region encoder
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.vision_tower = _build_tower(config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.region_encoder = CLOCLlavaRegionEncoder(config)
@@ -362,9 +373,7 @@ class CLOCLlavaForConditionalGeneration(CLOCLlavaPreTrainedModel, LlavaForCondit
             **config_kwargs: further :class:`CLOCLlavaConfig` fields (``image_token_id``,
                 ``region_token_id``, ``vision_feature_layer``, ...).
         """
-        if isinstance(cloc, (str, os.PathLike)):
-            import cloc_hf  # noqa: F401 (registers the CLOC classes with AutoModel)
-
+        if isinstance(cloc, (str, os.PathLike)):  # importing cloc_hf (above) registered its classes
             cloc = AutoModel.from_pretrained(cloc)
         vision = getattr(cloc, "vision_model", None)
         vision = vision if isinstance(vision, nn.Module) else cloc

@@ -16,9 +16,10 @@ from cloc_hf.image_inputs import as_image_list, as_rows, per_image
 
 from .box_text import box_to_text, resolve_frame
 from .constants import IMAGE_TOKEN, REGION_TOKEN
+from .remote_code import SelfContainedCodeMixin
 
 
-class CLOCLlavaProcessor(LlavaProcessor):
+class CLOCLlavaProcessor(SelfContainedCodeMixin, LlavaProcessor):
     """Image processor + tokenizer for :class:`~llava_bridge.CLOCLlavaForConditionalGeneration`.
 
     Args (beyond ``LlavaProcessor``'s):

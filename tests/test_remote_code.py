@@ -28,7 +28,8 @@ SIZE = 32  # cloc-tiny's image size
 TEXT = ["a red box", "a photo of a cat"]
 BOXES = [[2.0, 3.0, 20.0, 25.0], [0.0, 0.0, 45.0, 30.0]]
 
-HUB_USER_SCRIPT = textwrap.dedent(
+# argv[4]: the project's packages, comma-separated; they are made unimportable before anything else runs
+HIDE_PROJECT = textwrap.dedent(
     """
     import importlib.util, json, sys
 
@@ -54,7 +55,11 @@ HUB_USER_SCRIPT = textwrap.dedent(
         except ModuleNotFoundError:
             continue
         raise AssertionError(f"{name} is still importable")
+    """
+)
 
+HUB_USER_SCRIPT = HIDE_PROJECT + textwrap.dedent(
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoImageProcessor, AutoModel, AutoProcessor
@@ -148,3 +153,129 @@ def test_hub_user_without_the_package_gets_the_full_processor_and_model(checkpoi
     with torch.no_grad():
         image_embeds = model.get_image_features(expected["pixel_values"]).pooler_output
     torch.testing.assert_close(remote["image_embeds"], image_embeds)
+
+
+# --- a saved CLOC-LLaVA (llava_bridge on top of cloc_hf) -------------------------------------------------
+LLAVA_WORDS = ["[PAD]", "[UNK]", "<s>", "</s>", "<image>", "<region>", "user", "what", "is", "in", "a", "cat"]
+
+LLAVA_HUB_USER_SCRIPT = HIDE_PROJECT + textwrap.dedent(
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    def load(folder):
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+        return processor, model
+
+    processor, model = load(ckpt)
+    text, boxes = json.loads(sys.argv[5]), json.loads(sys.argv[6])
+    inputs = processor(images=[image_path], text=text, boxes=[boxes])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    # a folder saved by the remote-code classes loads the same way
+    model.save_pretrained(out_dir + "/resaved")
+    processor.save_pretrained(out_dir + "/resaved")
+    _, again = load(out_dir + "/resaved")
+    with torch.no_grad():
+        logits_again = again(**inputs).logits
+    tensors = {"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"],
+               "region_boxes": inputs["region_boxes"][0], "logits": logits, "generated": generated,
+               "logits_again": logits_again}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir + "/remote.safetensors")
+    classes = {"processor": processor, "image_processor": processor.image_processor, "model": model,
+               "tower": model.model.vision_tower, "prompter": model.model.region_encoder.prompter}
+    print(json.dumps({
+        "classes": {k: [type(v).__module__, type(v).__name__] for k, v in classes.items()},
+        "project_modules": sorted(m for m in sys.modules if m.split(".")[0] in hidden),
+    }))
+    """
+)
+
+
+def _llava_checkpoint(folder):
+    """A tiny CLOCLlava (CLOC tower with a Prompter, 2-layer Llama) and its processor, saved together."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from llava_bridge import CLOCLlavaConfig, CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(LLAVA_WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<region>"]})
+    text = LlamaConfig(
+        vocab_size=len(LLAVA_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+        bos_token_id=2, eos_token_id=3,
+    )
+    vision = cloc_hf.CLOCVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    config = CLOCLlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=LLAVA_WORDS.index("<image>"),
+        region_token_id=LLAVA_WORDS.index("<region>"), prompter_config={"num_attention_heads": 2},
+        prompter_projection_dim=24,
+    )
+    torch.manual_seed(0)
+    model = CLOCLlavaForConditionalGeneration(config).eval()
+    processor = CLOCLlavaProcessor(
+        image_processor=cloc_hf.CLOCImageProcessor(size=32), tokenizer=tokenizer, patch_size=8,
+        vision_feature_select_strategy="default",
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def test_saved_llava_folder_carries_its_code(tmp_path):
+    _llava_checkpoint(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_llava.CLOCLlavaForConditionalGeneration"
+    for module in ("modeling_llava", "configuration_llava", "processing_llava", "modeling_vision",
+                   "modeling_prompter", "configuration_cloc", "box_ops", "image_processing_cloc"):
+        assert (tmp_path / f"{module}.py").is_file(), module
+    for path in tmp_path.glob("*.py"):  # the copies import each other, never the installed packages
+        imports = [line for line in path.read_text().splitlines() if line.lstrip().startswith(("import ", "from "))]
+        assert not [line for line in imports if "cloc_hf" in line or "llava_bridge" in line], path.name
+    assert "from cloc_hf." in (REPO / "llava_bridge" / "modeling_llava.py").read_text()  # the package is unchanged
+
+
+def test_hub_user_without_the_package_loads_a_saved_llava(tmp_path):
+    folder = tmp_path / "llava"
+    model, processor = _llava_checkpoint(folder)
+    rng = np.random.default_rng(1)
+    image_path = tmp_path / "image.png"
+    PIL.Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)).save(image_path)
+    text, boxes = ["user <image> what is in <region>"], [[4.0, 3.0, 30.0, 25.0]]
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    argv = [sys.executable, "-I", "-c", LLAVA_HUB_USER_SCRIPT, str(folder), str(image_path), str(tmp_path)]
+    argv += [",".join(PROJECT_PACKAGES), json.dumps(text), json.dumps(boxes)]
+    result = subprocess.run(
+        argv, capture_output=True, text=True, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["project_modules"] == []
+    for key, name in (("processor", "CLOCLlavaProcessor"), ("image_processor", "CLOCImageProcessor"),
+                      ("model", "CLOCLlavaForConditionalGeneration"), ("tower", "CLOCVisionModel"),
+                      ("prompter", "CLOCPrompter")):
+        module, class_name = report["classes"][key]
+        assert class_name == name and module.startswith("transformers_modules."), (key, report["classes"][key])
+
+    remote = load_file(str(tmp_path / "remote.safetensors"))
+    expected = processor(images=[image_path], text=text, boxes=[boxes])
+    for key in ("input_ids", "pixel_values"):
+        assert torch.equal(remote[key], expected[key]), key
+    assert torch.equal(remote["region_boxes"], expected["region_boxes"][0])
+    with torch.no_grad():
+        logits = model(**expected).logits
+        generated = model.generate(**expected, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(remote["logits"], logits)
+    torch.testing.assert_close(remote["logits_again"], logits)
+    assert torch.equal(remote["generated"], generated)
