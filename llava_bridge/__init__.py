@@ -8,7 +8,8 @@
   builder.
 * :mod:`llava_bridge.modeling_llava` / :mod:`llava_bridge.processing_llava`:
   :class:`CLOCLlavaForConditionalGeneration` and :class:`CLOCLlavaProcessor`, Hugging Face LLaVA with
-  ``<region>`` tokens that take region features (registered with the Auto classes on import).
+  ``<region>`` tokens that take region features (registered with the Auto classes on import); their
+  saved folders carry self-contained code for ``trust_remote_code`` users (:mod:`llava_bridge.remote_code`).
 * :mod:`llava_bridge.box_text`: writing boxes into prompts and reading them out of answers, for every
   box convention, with the frame (original image or padded square) explicit.
 * :mod:`llava_bridge.swap_tower`: :func:`swap_llava_tower` (``cloc-swap-tower``), an existing HF LLaVA
