@@ -371,3 +371,9 @@ def test_processor_outputs_go_straight_into_generate():
     asked = proc(images=images, text=texts, boxes=boxes, padding=True, return_original_sizes=True)
     assert asked["original_sizes"].tolist() == [[32, 48], [40, 20]]
     assert torch.equal(asked["input_ids"], inputs["input_ids"])
+    # the box text needs the sizes, whatever the image processor's own setting
+    bare = CLOCLlavaProcessor(
+        image_processor=CLOCImageProcessor(size=32, return_original_sizes=False), tokenizer=_tokenizer(),
+        patch_size=8, vision_feature_select_strategy="default", box_convention="ferret",
+    )
+    assert torch.equal(bare(images=images, text=texts, boxes=boxes, padding=True)["input_ids"], inputs["input_ids"])

@@ -125,6 +125,7 @@ def test_written_processor_counts_image_tokens_and_generates(tmp_path, strategy,
     processor = AutoProcessor.from_pretrained(dst)
     assert type(processor) is LlavaProcessor
     assert isinstance(processor.image_processor, cloc_hf.CLOCImageProcessor) and processor.image_processor.size == 32
+    assert processor.image_processor.return_original_sizes is False  # its outputs are exactly the model's inputs
     assert processor.num_additional_image_tokens == 1 and processor.patch_size == 8
     images = [PIL.Image.new("RGB", (40, 24), "red"), PIL.Image.new("RGB", (20, 50), "blue")]
     inputs = processor(images=images, text=["user <image> a red square", "user <image> the left"], return_tensors="pt", padding=True)
