@@ -310,15 +310,19 @@ def evaluate_rec(
     box_head: bool = True,
     options: EncodeOptions | None = None,
     pool_size: int = POOL_SIZE,
+    pool_splits: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Every protocol on every split: ``{"box_head": {split: metrics} | None, "ranking": {method:
     {split: metrics}}, "ranking_pool": {method: {split: metrics}} | None}``.
 
     ``box_head`` is ``None`` when not asked for or the model has none; ``ranking_pool`` (ranking over
-    :func:`pool_candidates` of ``pool_size`` candidates per image) is ``None`` when ``pool_size`` is 0.
+    :func:`pool_candidates` of ``pool_size`` candidates per image) runs on ``pool_splits`` (default
+    every split; it costs ``pool_size`` region encodings per image, a whole image each for the
+    crop and mask baselines) and is ``None`` when ``pool_size`` is 0 or no split is left.
     """
     has_head = box_head and getattr(model, "box_head", None) is not None
-    pools = {s: pool_candidates(imgs, pool_size) for s, imgs in data.items()} if pool_size else None
+    pooled = [s for s in data if pool_splits is None or s in pool_splits] if pool_size else []
+    pools = {s: pool_candidates(data[s], pool_size) for s in pooled} or None
     return {
         "box_head": {s: rec_by_box_head(model, processor, imgs, options) for s, imgs in data.items()}
         if has_head
@@ -328,10 +332,7 @@ def evaluate_rec(
             for m in methods
         },
         "ranking_pool": {
-            m: {
-                s: rec_by_ranking(model, processor, imgs, m, options, candidates=pools[s])
-                for s, imgs in data.items()
-            }
+            m: {s: rec_by_ranking(model, processor, data[s], m, options, candidates=pools[s]) for s in pools}
             for m in methods
         }
         if pools

@@ -331,7 +331,7 @@ class _Run:
             return
         self.results["rec"] = self.timed(
             "rec", evaluate_rec, self.model, self.processor, data, methods, "cloc" in methods, self.options,
-            self.rec_pool,
+            self.rec_pool, (self.split,),  # distractor ranking on the reported split only (its cost)
         )
 
 
@@ -398,7 +398,7 @@ def evaluate(
             the plain class names).
         model_name: written into every row.
         rec_pool: candidates per image of REC by ranking over ground-truth plus distractor boxes
-            (default :data:`eval.rec.POOL_SIZE`; 0 skips that protocol).
+            (default :data:`eval.rec.POOL_SIZE`; 0 skips that protocol), run on ``split`` only.
     Returns:
         the JSON-ready dict described in the module docstring (NaN written as ``None``).
     """

@@ -484,6 +484,8 @@ def test_evaluate_runs_every_task_and_method(model, processor, synthetic):
     assert results["region_retrieval"]["cloc"]["num_texts"] == len(split_phrases) > len(evaluated)
     assert results["region_retrieval"]["cloc"]["num_queries_t2r"] == len(evaluated)
     assert results["rec"]["ranking_pool"]["cloc"]["test"]["num_candidates"] == 20
+    assert set(results["rec"]["ranking_pool"]["cloc"]) == {"test"}  # the reported split only (cost)
+    assert set(results["rec"]["ranking"]["cloc"]) == {"val", "test"}
     assert set(results["rec"]["box_head"]) == {"val", "test"}
     assert results["zeroshot"]["num_images"] >= 1
     json.dumps(results, allow_nan=False)  # strict JSON
@@ -683,3 +685,13 @@ def test_rec_ranking_over_distractors_has_low_chance(model, processor, messy_ref
     assert rec_by_ranking(model, processor, [image], "cloc", ONE_CHUNK, candidates=[pool])["acc@0.5"] == 50.0
     with pytest.raises(ValueError, match="1 images but 2 candidate sets"):
         rec_by_ranking(model, processor, [image], "cloc", ONE_CHUNK, candidates=[pool, pool])
+
+
+def test_evaluate_rec_pool_splits_and_off(model, processor, refer_files):
+    from eval.rec import evaluate_rec
+
+    data = load_refs(refer_files / "refs(test).json", refer_files / "instances.json", refer_files / "images")
+    both = evaluate_rec(model, processor, data, pool_size=6)
+    assert both["ranking_pool"]["cloc"]["val"]["num_candidates"] == 6
+    assert evaluate_rec(model, processor, data, pool_size=0)["ranking_pool"] is None
+    assert evaluate_rec(model, processor, data, pool_splits=("test",))["ranking_pool"] is None  # no such split
