@@ -7,6 +7,7 @@ project's packages cannot be imported, so every class must come from the code co
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -239,10 +240,38 @@ def test_saved_llava_folder_carries_its_code(tmp_path):
     for module in ("modeling_llava", "configuration_llava", "processing_llava", "modeling_vision",
                    "modeling_prompter", "configuration_cloc", "box_ops", "image_processing_cloc"):
         assert (tmp_path / f"{module}.py").is_file(), module
-    for path in tmp_path.glob("*.py"):  # the copies import each other, never the installed packages
-        imports = [line for line in path.read_text().splitlines() if line.lstrip().startswith(("import ", "from "))]
-        assert not [line for line in imports if "cloc_hf" in line or "llava_bridge" in line], path.name
+    assert _project_imports(tmp_path) == []  # the copies import each other, never the installed packages
     assert "from cloc_hf." in (REPO / "llava_bridge" / "modeling_llava.py").read_text()  # the package is unchanged
+
+
+def _project_imports(folder) -> list[str]:
+    """``file: line`` of every import of the project's packages in the code files of ``folder``."""
+    found = []
+    for path in sorted(Path(folder).glob("*.py")):
+        for line in path.read_text().splitlines():
+            match = re.match(r"\s*(?:from|import)\s+(\w+)", line)
+            if match and match.group(1) in PROJECT_PACKAGES:
+                found.append(f"{path.name}: {line.strip()}")
+    return found
+
+
+def test_hub_upload_gets_self_contained_code(tmp_path, monkeypatch):
+    """``save_pretrained(push_to_hub=True)`` uploads before it returns: the code is finished before that."""
+    from transformers.dynamic_module_utils import custom_object_save
+    from transformers.utils.hub import PushToHubMixin
+
+    model, _ = _llava_checkpoint(tmp_path / "saved")
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    custom_object_save(model, folder, config=model.config)  # the copies save_pretrained makes before uploading
+    assert _project_imports(folder)  # transformers' copies alone import cloc_hf
+    uploaded = {}
+    def upload(self, working_dir, *args, **kwargs):
+        uploaded["imports"] = _project_imports(working_dir)
+
+    monkeypatch.setattr(PushToHubMixin, "_upload_modified_files", upload)
+    model._upload_modified_files(folder, "user/cloc-llava", {})
+    assert uploaded["imports"] == []
 
 
 def test_hub_user_without_the_package_loads_a_saved_llava(tmp_path):
