@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import socket
+import time
 
 from .app_backend import (
     DEFAULT_CLIP,
@@ -43,6 +44,8 @@ CLIP_METHOD_NAMES = {
 }
 COLOURS = {"box": (255, 215, 0), "scene": (160, 160, 160), "ground": (255, 40, 40), "answer": (255, 0, 255),
            "drawn": (0, 200, 255), "best": (0, 230, 0)}
+DEFAULT_QUESTION = "Is the object <region> a red circle or a blue square?"
+"""The MLLM tab's first question: referring classification, one of the tasks `make demo-mllm` trains."""
 FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the page needs no internet
 
 
@@ -176,14 +179,16 @@ class Page:
         if state["image"] is None:
             raise InputError("pick a test scene or upload an image first")
         labels = parse_vocabulary(vocabulary)
+        start = time.perf_counter()
         out = self.backend.classify(state["image"], labels, box=state["box"], point=state["point"])
+        elapsed_ms = (time.perf_counter() - start) * 1000
         prompt = f"box {fmt_box(state['box'])}" if state["box"] is not None else f"point {fmt_box(state['point'])}"
         method = out["clip_method"]
         clip_title = f"Best CLIP baseline: {method} ({CLIP_METHOD_NAMES.get(method, method)})"
         if state["point"] is not None:
             clip_title += f", on the box {fmt_box(out['clip_box'])} around the point (CLIP takes no point prompts)"
         box_text = ", ".join(f"{v:.1f}" for v in state["box"]) if state["box"] is not None else ""
-        return self._show(state, f"top-5 of {len(labels)} labels for the {prompt}",
+        return self._show(state, f"top-5 of {len(labels)} labels for the {prompt} ({elapsed_ms:.0f} ms)",
                           label_table("CLOC (Prompter on the cached ViT tokens)", out["cloc"]),
                           label_table(clip_title, out["clip"]), box_text)
 
@@ -268,30 +273,30 @@ def build_app(backend: AppBackend, scenes: list[dict], vocabulary: list[str], in
                     f"`<region>` stands for the drawn box (its coordinates, in the `{backend.box_convention}` box "
                     f"convention, are written before it). Ask \"Where is ...?\" to get a box drawn."
                     + ("" if backend.generator is not None else "\n\n**No CLOC-LLaVA checkpoint is loaded.**"))
-                question = gr.Textbox("What is <region>?", label="Question", elem_id="question")
+                question = gr.Textbox(DEFAULT_QUESTION, label="Question", elem_id="question")
                 ask_btn = gr.Button("Ask", elem_id="ask")
                 answer_md = gr.Markdown(elem_id="answer")
 
         shown = [state, picture, status]
         labels_out = [*shown, cloc_md, clip_md, box_text]
-        scene.change(page.pick_scene, [state, scene], shown)
+        scene.change(page.pick_scene, [state, scene], shown, api_name="pick_scene")
         if scenes:  # the page opens on the first test scene
             demo.load(page.pick_scene, [state, scene], shown)
-        upload.upload(page.upload, [state, upload], shown)
+        upload.upload(page.upload, [state, upload], shown, api_name="upload")
 
         def on_click(s, m, v, evt):
             return page.click(s, m, v, evt)
 
         on_click.__annotations__["evt"] = gr.SelectData  # a real class: Gradio finds the event argument by it
 
-        picture.select(on_click, [state, mode, vocab], labels_out)
-        use_box.click(page.typed_box, [state, box_text, vocab], labels_out)
+        picture.select(on_click, [state, mode, vocab], labels_out, api_name="click")
+        use_box.click(page.typed_box, [state, box_text, vocab], labels_out, api_name="box")
         box_text.submit(page.typed_box, [state, box_text, vocab], labels_out)
-        relabel.click(page.relabel, [state, vocab], labels_out)
+        relabel.click(page.relabel, [state, vocab], labels_out, api_name="relabel")
         clear.click(page.clear, [state], labels_out)
-        ground_btn.click(page.ground, [state, phrase, threshold], [*shown, ground_md])
+        ground_btn.click(page.ground, [state, phrase, threshold], [*shown, ground_md], api_name="ground")
         phrase.submit(page.ground, [state, phrase, threshold], [*shown, ground_md])
-        ask_btn.click(page.ask, [state, question], [*shown, answer_md])
+        ask_btn.click(page.ask, [state, question], [*shown, answer_md], api_name="ask")
     return demo
 
 
@@ -313,9 +318,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the report.json next to --clip")
     parser.add_argument("--ground-threshold", type=float, default=DEFAULT_GROUND_THRESHOLD,
                         help=f"grounding confidence below which the page says 'not found' (default {DEFAULT_GROUND_THRESHOLD})")
-    parser.add_argument("--box-convention", help="box text convention of the MLLM (default: its processor's, else llava)")
-    parser.add_argument("--box-frame", choices=["original", "pad"], help="frame of the MLLM's box text (default original)")
-    parser.add_argument("--chat-format", default="auto", help="MLLM chat format (eval.mllm_generate.wrap_question)")
+    parser.add_argument("--box-convention", help="box text convention of the MLLM (llava, shikra, ferret, qwen, "
+                        "lmms_eval; default: its processor's, else the one `make demo-mllm` trains with)")
+    parser.add_argument("--box-frame", choices=["original", "pad"], help="frame of the MLLM's box text (default: the "
+                        "convention's own, else original)")
+    parser.add_argument("--chat-format", default="llava", help="MLLM chat format (eval.mllm_generate.wrap_question; "
+                        "default llava, what cloc-finetune-mllm trains with)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--scenes", type=int, default=100, help="test scenes offered (default 100)")
     parser.add_argument("--host", default="127.0.0.1")

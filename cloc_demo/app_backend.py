@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from cloc_hf.image_inputs import load_rgb_image
 from eval.baselines import REGION_METHODS, encode_class_names, encode_regions, encode_texts
-from llava_bridge.box_text import box_to_text, resolve_frame, text_to_box
+from llava_bridge.box_text import FRAMES, box_to_text, get_convention, resolve_frame, text_to_box
 from llava_bridge.constants import REGION_TOKEN
 
 DEFAULT_CLOC = "runs/demo/cloc"
@@ -54,6 +54,16 @@ MAX_VOCABULARY = 1000
 CACHED_IMAGES = 16
 FALLBACK_CLIP_METHOD = "clip-maskbg"
 """The CLIP baseline used when no ``report.json`` names the best one (the best in the demo's reports)."""
+
+
+def demo_mllm_convention() -> str:
+    """The box convention ``make demo-mllm`` trains its CLOC-LLaVA with (``cloc_demo.demo_mllm.CONVENTION``),
+    the app's default for the MLLM's box text; ``"ferret"`` where that module is absent."""
+    try:
+        from .demo_mllm import CONVENTION
+    except ImportError:
+        return "ferret"
+    return CONVENTION
 
 
 class InputError(ValueError):
@@ -319,11 +329,13 @@ class AppBackend:
 
     @classmethod
     def from_paths(cls, cloc: str, clip: str, mllm: str | None = None, *, clip_method: str = "auto",
-                   box_convention: str | None = None, box_frame: str | None = None, chat_format: str = "auto",
+                   box_convention: str | None = None, box_frame: str | None = None, chat_format: str = "llava",
                    max_new_tokens: int = 32, ground_threshold: float = DEFAULT_GROUND_THRESHOLD) -> AppBackend:
         """Load the checkpoints from folders. ``clip_method="auto"``: the best baseline of the demo
         ``report.json`` next to ``clip``. ``mllm=None`` or a missing folder: no MLLM. The box convention
-        and frame default to the MLLM processor's own, else ``"llava"`` / ``"original"``."""
+        and frame default to the MLLM processor's own, else :func:`demo_mllm_convention` in its own frame
+        (``"original"`` for a convention without one); ``chat_format`` defaults to ``"llava"``
+        (``USER: <image>\\n... ASSISTANT:``), the format ``cloc-finetune-mllm`` trains with."""
         import cloc_hf
 
         for what, path in (("CLOC", cloc), ("CLIP baseline", clip)):
@@ -340,8 +352,11 @@ class AppBackend:
                                     chat_format=chat_format, progress=False)
             box_convention = box_convention or getattr(processor, "box_convention", None)
             box_frame = box_frame or getattr(processor, "box_frame", None)
+        box_convention = box_convention or demo_mllm_convention()
+        if box_frame is None:
+            box_frame = get_convention(box_convention).frame if get_convention(box_convention).frame in FRAMES else "original"
         return cls(*models[0], *models[1], clip_method=method, generator=generator,
-                   box_convention=box_convention or "llava", box_frame=box_frame or "original",
+                   box_convention=box_convention, box_frame=box_frame,
                    ground_threshold=ground_threshold)
 
     # -- images -----------------------------------------------------------------------------------

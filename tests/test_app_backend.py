@@ -247,6 +247,7 @@ class StubGenerator:
 
 def test_ask_writes_the_region_and_parses_the_answer_box(backend):
     image_id, _ = backend.add_image(_scene(40, 20))
+    backend.box_convention, backend.box_frame = "llava", "original"
     backend.generator = StubGenerator("It is at [0.25, 0.50, 0.75, 1.00].")
     answer = backend.ask(image_id, "What is <region>?", box=[10, 10, 30, 20])
     assert answer.prompt == "What is [0.25, 0.50, 0.75, 1.00] <region>?"
@@ -257,6 +258,9 @@ def test_ask_writes_the_region_and_parses_the_answer_box(backend):
     assert answer.box is None and answer.text == "a red circle" and backend.generator.calls[0][2] is None
     with pytest.raises(ab.InputError, match="draw a box"):
         backend.ask(image_id, "What is <region>?")
+    backend.box_convention = "ferret"  # the demo MLLM's: integers 0..999 of the original image
+    backend.generator = StubGenerator("[250, 500, 750, 999]")
+    assert backend.ask(image_id, "Where is the red circle?").box == pytest.approx([10, 10, 30, 19.98])
     backend.generator = None
     with pytest.raises(ab.InputError, match="no CLOC-LLaVA"):
         backend.ask(image_id, "Where is the red circle?")
@@ -264,7 +268,7 @@ def test_ask_writes_the_region_and_parses_the_answer_box(backend):
 
 def test_real_tiny_mllm_answers(ckpt):
     backend = ab.AppBackend.from_paths(ckpt["cloc"], ckpt["clip"], ckpt["mllm"], max_new_tokens=4)
-    assert backend.generator is not None and backend.box_convention == "llava"
+    assert backend.generator is not None and backend.box_convention == ab.demo_mllm_convention()
     image_id, _ = backend.add_image(_scene(40, 20))
     answer = backend.ask(image_id, "What is <region>?", box=[10, 10, 30, 20])
     assert isinstance(answer.text, str) and "<region>" in answer.prompt
