@@ -124,7 +124,11 @@ def goals_report(rows, rows_time, goals: Mapping[str, float],
     for key in ("image_i2t_r1", "image_t2i_r1"):
         if cloc.get(key) is not None and clip_any.get(key) is not None:
             out[key] = {"cloc": cloc[key], "clip": clip_any[key], "met": cloc[key] >= clip_any[key]}
-    out["rec_head_acc50"] = cloc.get("rec_head_acc50")
+    for key, goal_key in (("rec_head_acc50", "rec_head_acc50"), ("region_macc", "cloc_region_macc")):
+        value, goal = cloc.get(key), goals.get(goal_key)
+        if goal is not None or key == "rec_head_acc50":
+            out[goal_key] = {"value": value, "goal": goal,
+                             "met": None if goal is None else value is not None and value >= goal}
     if "clip_shape_acc" in goals:
         best = best_clip_row(rows)
         shape = best.get("region_shape_acc")

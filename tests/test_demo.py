@@ -177,6 +177,7 @@ def test_several_seeds_give_mean_and_std_and_keep_each_seed(tmp_path):
     assert [p["seed"] for p in report["per_seed"]] == [3, 4] and report["per_seed"][1]["rows"] == seed_reports[1]["rows"]
     assert len(report["steps_to_accuracy"][0]["per_seed"]) == 2
     assert report["goals"]["steps_to_80"]["cloc_steps"] == [None, None]
+    assert report["goals"]["rec_head_acc50"]["value"] == pytest.approx(cloc["rec_head_acc50"])
     text = (tmp_path / "report.md").read_text()
     assert "2 seeds (3, 4)" in text and " ± " in text and "cloc-noisy_labels" in text
     assert (tmp_path / "cloc").exists() is False and (tmp_path / "seed4" / "cloc" / "README.md").exists()
@@ -250,3 +251,18 @@ def test_run_demo_rejects_zero_seeds(tmp_path):
 
     with pytest.raises(ValueError, match="seeds must be at least 1"):
         run_demo("smoke", tmp_path, seeds=0)
+
+
+def test_goals_are_checked_on_the_rows_given():
+    from cloc_demo.report import goals_report
+
+    rows = [{"name": "clip-maskbg", "region_macc": 30.0, "region_shape_acc": 31.0, "image_i2t_r1": 5.0},
+            {"name": "clip-roi", "region_macc": 20.0, "image_i2t_r1": 5.0},
+            {"name": "cloc", "region_macc": 75.0, "rec_head_acc50": 59.0, "image_i2t_r1": 8.0}]
+    goals = goals_report(rows, None, {"region_macc_margin": 30.0, "rec_head_acc50": 60.0, "cloc_region_macc": 74.0})
+    assert goals["region_macc_gap_equal_steps"] == {"cloc": 75.0, "best_clip": 30.0, "best_clip_method": "clip-maskbg",
+                                                     "gap": 45.0, "goal": 30.0, "met": True}
+    assert goals["rec_head_acc50"] == {"value": 59.0, "goal": 60.0, "met": False}
+    assert goals["cloc_region_macc"]["met"] is True and goals["image_i2t_r1"]["met"] is True
+    assert "region_macc_gap_equal_time" not in goals and "steps_to_80" not in goals
+    assert goals_report(rows, None, {})["rec_head_acc50"] == {"value": 59.0, "goal": None, "met": None}
