@@ -86,8 +86,8 @@ def read_image(source, name: str = "the upload") -> tuple[PIL.Image.Image, list[
         raise InputError(str(err)) from None
     _check_size(image.width, image.height, name)
     if mode is not None and mode != "RGB":
-        what = "with transparency (composited onto white)" if mode in ("RGBA", "LA", "PA", "RGBa", "La") else ""
-        notes.append(f"{mode} image {what}: converted to RGB".replace("  ", " "))
+        what = " with transparency (composited onto white)" if mode in ("RGBA", "LA", "PA", "RGBa", "La") else ""
+        notes.append(f"{mode} image{what}: converted to RGB")
     return image, notes
 
 
