@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import random
@@ -84,7 +85,7 @@ class MLLMDemoSettings:
         "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4, "max_position_embeddings": 256})
     align_steps: int = 20
-    instruct_steps: int = 300
+    instruct_steps: int = 200
     align_lr: float = 1e-3
     instruct_lr: float = 1e-3
     batch_size: int = 32
@@ -261,6 +262,44 @@ def finetune(tower_dir: Path, tower: str, lm_dir: Path, data: Path, out: Path, s
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+def save_final_model(src: Path, dst: Path) -> None:
+    """Copy a fine-tuned model (without Trainer checkpoints) and save its processor with the box
+    convention of the training data, so that boxes given to it are written as the model read them."""
+    from transformers import AutoProcessor
+
+    import llava_bridge  # noqa: F401  (registers cloc_llava with the Auto classes)
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint-*"))
+    p = AutoProcessor.from_pretrained(dst)
+    type(p)(image_processor=p.image_processor, tokenizer=p.tokenizer, patch_size=p.patch_size,
+            vision_feature_select_strategy=p.vision_feature_select_strategy, box_convention=CONVENTION,
+            box_frame="original").save_pretrained(dst)
+
+
+def training_key(s: MLLMDemoSettings, tower: str, seed: int, demo_dir: Path, tokenizer) -> dict[str, Any]:
+    """Everything a fine-tuned model depends on (the evaluation settings excluded)."""
+    fields = ("n_train", "vocab_size", "lm", "align_steps", "instruct_steps", "align_lr", "instruct_lr", "batch_size",
+              "vision_feature_layer")
+    tower_config = (demo_dir / tower / "model.safetensors").stat()
+    return jsonable({**{f: getattr(s, f) for f in fields}, "tower": tower, "seed": seed, "checkpoint": str(demo_dir / tower),
+                     "checkpoint_size": tower_config.st_size, "checkpoint_mtime": int(tower_config.st_mtime),
+                     "vocab": hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()})
+
+
+def finished_run(run_dir: Path, key: dict[str, Any]) -> tuple[float | None, float | None]:
+    """``(wall, CPU seconds)`` recorded by a finished run of the same ``key`` in ``run_dir``, else ``(None, None)``."""
+    info_path = run_dir / "run_info.json"
+    if not (info_path.is_file() and (run_dir / "instruct" / "model.safetensors").is_file()):
+        return None, None
+    info = json.loads(info_path.read_text())
+    if info.get("key") != key:
+        logger.info("%s was trained with other settings: training it again", run_dir)
+        return None, None
+    logger.info("reusing the fine-tuned model in %s", run_dir)
+    return info["train_seconds"], info["train_cpu_seconds"]
+
+
 def evaluate_model(model_dir: Path, data: Path, split: str, records: Path, out: Path, s: MLLMDemoSettings,
                    name: str) -> dict[str, Any]:
     """``cloc-eval-mllm`` on ``split``: REC from the synthetic RefCOCO-format refs, referring
@@ -394,14 +433,19 @@ def ensure_demo(demo_dir: Path) -> None:
 
 
 def run_demo(preset: str = "demo", out: str | Path = "runs/demo-mllm", demo_dir: str | Path = "runs/demo",
-             split: str = "test", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the preset and write the report, pictures and final models; returns the report."""
+             split: str = "test", overrides: dict[str, Any] | None = None, reuse: bool = False) -> dict[str, Any]:
+    """Run the preset and write the report, pictures and final models; returns the report.
+
+    ``reuse``: keep the fine-tuned models already in ``out/work`` whose training settings, tower, seed,
+    checkpoints and tokenizer are the ones asked for (e.g. a run evaluated on val, now on test); their
+    recorded training times are reported. Default off: every run trains afresh."""
     s = resolve_settings(preset, overrides)
     out, demo_dir = Path(out), Path(demo_dir)
     ensure_demo(demo_dir)
     started, cpu_started = time.perf_counter(), time.process_time()
     data, work = demo_dir / "data", out / "work"
-    shutil.rmtree(work, ignore_errors=True)
+    if not reuse:
+        shutil.rmtree(work, ignore_errors=True)
     train_data = build_records(data, "train", work / "data" / "train", s.n_train, seed=0, multi_turn=True)
     eval_data = build_records(data, split, work / "data" / split, s.n_eval, seed=1000, tasks=("ref_cls",))
     train_records = json.loads(train_data.read_text())
@@ -412,7 +456,12 @@ def run_demo(preset: str = "demo", out: str | Path = "runs/demo-mllm", demo_dir:
         lm_dir = write_language_model(tokenizer, s.lm, work / f"lm-seed{seed}", seed)  # one start for both towers
         for tower in TOWERS:
             run_dir = work / f"{tower}-seed{seed}"
-            seconds, cpu = finetune(demo_dir / tower, tower, lm_dir, train_data, run_dir, s, seed)
+            key = training_key(s, tower, seed, demo_dir, tokenizer)
+            seconds, cpu = finished_run(run_dir, key) if reuse else (None, None)
+            if seconds is None:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                seconds, cpu = finetune(demo_dir / tower, tower, lm_dir, train_data, run_dir, s, seed)
+                write_json_atomic(run_dir / "run_info.json", {"key": key, "train_seconds": seconds, "train_cpu_seconds": cpu})
             t0, c0 = time.perf_counter(), time.process_time()
             res = evaluate_model(run_dir / "instruct", data, split, eval_data, run_dir / "eval", s, tower)
             row = res["rows"][0]
@@ -423,9 +472,7 @@ def run_demo(preset: str = "demo", out: str | Path = "runs/demo-mllm", demo_dir:
     rows = {t: summarise(t, per_seed[t]) for t in TOWERS}
     first = s.seeds[0]
     for tower in TOWERS:  # the final models: the first seed's
-        final = out / f"{tower}-llava"
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(work / f"{tower}-seed{first}" / "instruct", final, ignore=shutil.ignore_patterns("checkpoint-*"))
+        save_final_model(work / f"{tower}-seed{first}" / "instruct", out / f"{tower}-llava")
     draw_predictions({t: work / f"{t}-seed{first}" / "eval" / "predictions.jsonl" for t in TOWERS},
                      data / f"instances_{split}.json", data / split / "images", out / "rec_examples.png")
     first_res = results[f"cloc-seed{first}"]
@@ -464,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override a setting, e.g. --set instruct_steps=800 --set 'seeds=[0]'")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep fine-tuned models in OUT/work trained with the same settings (evaluate them again)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -474,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             parser.error(f"--set {item!r}: the value must be JSON (e.g. 800, 1e-3, [0, 1])")
-    report = run_demo(args.preset, args.out, args.demo_dir, args.split, overrides)
+    report = run_demo(args.preset, args.out, args.demo_dir, args.split, overrides, reuse=args.reuse)
     print((Path(args.out) / "report.md").read_text())
     print(f"total {report['total_seconds']:.0f} s; report in {args.out}/report.md")
     return 0

@@ -107,8 +107,15 @@ def test_demo_mllm_end_to_end(tmp_path):
         folder = tmp_path / "mllm" / f"{tower}-llava"
         model = CLOCLlavaForConditionalGeneration.from_pretrained(folder)
         assert (model.config.prompter_config is not None) == prompter
-        assert AutoProcessor.from_pretrained(folder).tokenizer.bos_token == "<s>"
+        processor = AutoProcessor.from_pretrained(folder)
+        assert processor.tokenizer.bos_token == "<s>" and processor.box_convention == "ferret"
         assert not list(folder.glob("checkpoint-*"))
     card = ModelCard.load(tmp_path / "mllm" / "cloc-llava" / "README.md")
     assert card.data.pipeline_tag == "image-text-to-text" and card.data.eval_results
     assert not (tmp_path / "mllm" / "work" / "data").exists()
+    # a second run with reuse=True evaluates the same fine-tuned models again (on val here) without training
+    info = (tmp_path / "mllm" / "work" / "cloc-seed1" / "run_info.json").read_text()
+    again = run_demo("smoke", tmp_path / "mllm", tmp_path / "demo", split="val", reuse=True)
+    assert (tmp_path / "mllm" / "work" / "cloc-seed1" / "run_info.json").read_text() == info
+    assert again["split"] == "val"
+    assert again["rows"][0]["train_seconds_per_seed"] == report["rows"][0]["train_seconds_per_seed"]
