@@ -228,6 +228,8 @@ class Page:
                      else "**no box** in the answer")
             state["overlay"] = [(answer.box, COLOURS["answer"], "answer")] if answer.box is not None else []
             text = f"**Asked:** `{answer.prompt}`\n\n**Answer:** {answer.text or '(empty)'}\n\n{found}"
+            if state["box"] is not None and "<region>" not in answer.prompt:
+                text += "\n\n(The drawn box was not used: the question has no `<region>`.)"
             return self._show(state, "answered", text)
         except Exception as err:  # noqa: BLE001
             return self._failed(state, err, 1)

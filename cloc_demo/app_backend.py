@@ -51,7 +51,8 @@ MAX_FILE_BYTES = 50 * 2**20
 MIN_SIDE = 2
 """Smallest image side: a box needs at least two pixels of room to have corners."""
 MAX_VOCABULARY = 1000
-CACHED_IMAGES = 16
+CACHED_IMAGES = 8
+"""Images kept (with CLOC's ViT outputs) for the page; at most 8 x 40 MP of pixels in memory."""
 FALLBACK_CLIP_METHOD = "clip-maskbg"
 """The CLIP baseline used when no ``report.json`` names the best one (the best in the demo's reports)."""
 

