@@ -132,6 +132,12 @@ def _run_session(page, tmp_path):
     answer = _wait_text(page, "#answer", "Answer:")
     assert "<region>" in answer and ("no box" in answer or "Box in the answer" in answer)
 
+    # a point prompt: one click in point mode
+    page.get_by_text("point: one click").click()
+    canvas.click(position={"x": size["width"] * 0.5, "y": size["height"] * 0.5})
+    assert "for the point" in _wait_text(page, "#status", "for the point")
+    assert "around the point" in _wait_text(page, "#clip-labels", "probability")
+
     page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
     assert (tmp_path / "app.png").stat().st_size > 10_000
 
