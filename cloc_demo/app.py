@@ -309,7 +309,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="CLOC demo page (Gradio)")
+    parser = argparse.ArgumentParser(prog="python -m cloc_demo.app", description="CLOC demo page (Gradio)")
     parser.add_argument("--cloc", default=DEFAULT_CLOC, help=f"CLOC checkpoint folder (default {DEFAULT_CLOC})")
     parser.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP baseline checkpoint folder (default {DEFAULT_CLIP})")
     parser.add_argument("--mllm", default=DEFAULT_MLLM, help=f"CLOC-LLaVA checkpoint folder (default {DEFAULT_MLLM}); "
