@@ -111,8 +111,8 @@ class Page:
             return self._failed(state, err, 0)
 
     def upload(self, state, path):
-        if path is None:
-            return self._show(state, "")
+        if path is None:  # the upload was cleared: keep what is shown
+            return self._skip(3)
         try:
             return self._load(path, os.path.basename(str(path)), [], "uploaded image")
         except Exception as err:  # noqa: BLE001
@@ -166,8 +166,11 @@ class Page:
             return self._failed(state, err, 3)
 
     def clear(self, state):
-        state.update(drawn=[], box=None, point=None, corner=None, overlay=[])
-        return self._show(state, "boxes cleared", "", "", "")
+        try:
+            state.update(drawn=[], box=None, point=None, corner=None, overlay=[])
+            return self._show(state, "boxes cleared", "", "", "")
+        except Exception as err:  # noqa: BLE001
+            return self._failed(state, err, 3)
 
     @staticmethod
     def _skip(n):

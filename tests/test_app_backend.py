@@ -281,3 +281,21 @@ def test_render_scales_and_draws(backend):
     assert picture.getpixel((100, 50)) == (255, 0, 0)  # the box's top-left corner
     big, scale = ab.render(_scene(1000, 500), side=400)
     assert big.size == (400, 200) and scale == pytest.approx(0.4)
+
+
+def test_page_handlers_turn_failures_into_messages(backend, ckpt):
+    pytest.importorskip("gradio", reason="Gradio is not installed (the `app` extra)")
+    from types import SimpleNamespace
+
+    from cloc_demo.app import Page, new_state
+
+    page = Page(backend, ab.load_scenes(ckpt["data"]))
+    state, picture, status = page.pick_scene(new_state(), "0")
+    assert picture is not None and "test-00000000" in status
+    out = page.click(new_state(), "box: click two corners", "red circle", SimpleNamespace(index=[1, 1]))
+    assert out[2].startswith("⚠️") and "pick a test scene" in out[2]
+    assert "not an image file" in page.upload(new_state(), __file__)[2]
+    assert page.pick_scene(new_state(), "99")[2].startswith("⚠️ internal error (IndexError)")
+    gone = dict(state, image="0" * 16)  # an image evicted from the server's cache
+    assert "no longer in the server's cache" in page.clear(gone)[2]
+    assert "vocabulary is empty" in page.typed_box(state, "1, 1, 9, 9", " ")[2]
