@@ -63,9 +63,10 @@ def write_mllm_card(report: Mapping[str, Any], model_dir: str | os.PathLike, mod
         convention=report.get("convention", "ferret"), vocab_size=report.get("vocab_size", "?"),
         training=(f"`cloc-finetune-mllm` stage `align` ({s['align_steps']} steps, lr {s['align_lr']}: projectors only), "
                   f"then stage `instruct` ({s['instruct_steps']} steps, lr {s['instruct_lr']}: projectors and the whole "
-                  f"language model), batch {s['batch_size']}, on {report.get('num_train_records', '?')} REC and "
-                  f"referring-classification records of {s['n_train']} synthetic training scenes. This checkpoint is "
-                  f"seed {s['seeds'][0]}'s."),
+                  f"language model), batch {s['batch_size']}, on {report.get('num_train_records', '?')} multi-turn records "
+                  f"(one per synthetic training scene, holding its REC and referring-classification questions). This "
+                  f"checkpoint is seed {s['seeds'][0]}'s."),
+        rec_answers=", ".join(f"{k}: {v}" for k, v in (report.get("rec_distinct_answers") or {}).items()),
         evaluation=(f"`cloc-eval-mllm` on the first {s['n_eval']} images of the synthetic `{split}` split, by greedy "
                     f"generation; mean ± std over seeds {', '.join(str(v) for v in s['seeds'])}."),
         table=markdown_table(table_rows, ["name", *(k for k, _, _ in METRICS)], {k: t for k, t, _ in METRICS}),

@@ -3,7 +3,6 @@
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 
@@ -21,10 +20,10 @@ def scenes(tmp_path_factory):
 
 
 def test_records_rec_from_expressions_and_hard_distractors(scenes, tmp_path):
-    from llava_bridge.box_text import text_to_box
     from cloc_data.shards import iter_shard_samples, list_shards
     from cloc_demo.demo_mllm import CONVENTION, build_records
     from eval.mllm_rec import ref_cls_options
+    from llava_bridge.box_text import text_to_box
 
     path = build_records(scenes, "train", tmp_path, limit=24, seed=0)
     records = json.loads(path.read_text())
