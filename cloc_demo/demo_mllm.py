@@ -10,9 +10,10 @@ Steps, from the CLOC and CLIP-baseline checkpoints and the synthetic scenes `mak
    object [box] <region> a X or a Y?") whose distractor is another object of the same scene when
    there is one (a class that is not in the image could be ruled out from the image alone); boxes in
    the ``ferret`` convention (integers 0..999 of the original image: on 32 px scenes only 33 values,
-   which the trained tokenizer keeps as single tokens);
+   which the trained tokenizer keeps as single tokens); the questions of one training scene form one
+   multi-turn record (:func:`merge_turns`), so its image tokens are paid once;
 2. a byte-level BPE tokenizer trained on that text with ``tokenizers`` and a Llama language model
-   initialised from scratch (``LM`` settings);
+   initialised from scratch (``MLLMDemoSettings.lm``);
 3. for each tower and seed, ``cloc-finetune-mllm``'s two stages with the same budget: ``align``
    (projectors only), then ``instruct`` with the whole language model trained (``--no-lora``: a
    language model from scratch has nothing for adapters to adapt). The CLOC tower's region tokens come
