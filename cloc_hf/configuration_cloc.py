@@ -24,7 +24,7 @@ TEXT_ADAPTERS = ("linear", "mlp")
 BOX_ENCODINGS = ("corners", "corners_center")
 PROMPT_POSITIONS = ("token", "attention")
 GROUNDING_LOSS_TYPES = ("l2", "l1_giou")
-BOX_HEAD_INPUTS = ("region_embedding", "pooled")
+BOX_HEAD_INPUTS = ("region_embedding", "pooled", "attention")
 
 # Named Prompter variants (`CLOCPrompterConfig.preset(name)`), as overrides of the defaults.
 PROMPTER_PRESETS: dict[str, dict] = {
@@ -144,6 +144,9 @@ class CLOCPrompterConfig(PreTrainedConfig):
             `"pooled"`: the Prompter's pooled state before its projection, through the head's own
             LayerNorm; its boxes are not clipped during training (clipping zeroes the gradient of a
             coordinate pushed outside the frame), only in `CLOCModel.ground`.
+            `"attention"`: the box is read off a spatial attention map of the text prompt's pooled
+            state over the patch tokens (its mean and spread, refined by a small MLP;
+            `CLOCAttentionBoxHead`), unclipped during training like `"pooled"`.
         box_encoding (`str`, defaults to `"corners"`):
             Prompt tokens of a box. `"corners"`: the paper's two tokens, top-left and bottom-right.
             `"corners_center"`: a third token at the box centre, whose query looks where the object is

@@ -28,11 +28,13 @@ from .configuration_cloc import CLOCConfig
 from .loss import cloc_losses
 from .modeling_outputs import CLOCGroundingOutput, CLOCOutput  # noqa: F401 (re-exported)
 from .modeling_prompter import (  # noqa: F401 (re-exported: `from cloc_hf.modeling_cloc import ...` keeps working)
+    CLOCAttentionBoxHead,
     CLOCBoxHead,
     CLOCPositionEncoding,
     CLOCPromptEncoder,
     CLOCPrompter,
     CLOCPrompterLayer,
+    build_box_head,
 )
 from .modeling_vision import CLOCConvStemPatchEmbedding, CLOCVisionModel, _init_conv_stem  # noqa: F401 (re-exported)
 from .prompts import flatten_per_image, flatten_phrases, padded_to_per_image, split_per_image
@@ -144,17 +146,7 @@ class CLOCModel(CLOCPreTrainedModel):
 
         pconf = config.prompter_config
         self.prompter = CLOCPrompter(pconf, self.vision_embed_dim, self.projection_dim)
-        pooled_head = pconf.box_head_input == "pooled"
-        self.box_head = (
-            CLOCBoxHead(
-                pconf.hidden_size if pooled_head else self.projection_dim,
-                pconf.box_head_hidden_size or pconf.hidden_size,
-                norm=pooled_head,
-                eps=pconf.layer_norm_eps,
-            )
-            if pconf.prompter_type == "transformer"
-            else None
-        )
+        self.box_head = build_box_head(pconf, self.projection_dim)
         self.post_init()
 
     # -- CLIP-compatible features --------------------------------------------------------------------
@@ -296,10 +288,15 @@ class CLOCModel(CLOCPreTrainedModel):
     def _predict_boxes(self, tokens, image_index, text_embeds) -> torch.Tensor:
         """The box head on text prompts: it reads their region embeddings or pooled states
         (``prompter_config.box_head_input``)."""
-        if self.config.prompter_config.box_head_input == "pooled":
-            _, pooled = self.prompter(tokens, image_index, text_embeds=text_embeds, return_pooled=True)
+        head_input = self.config.prompter_config.box_head_input
+        if head_input == "region_embedding":
+            return self.box_head(self.prompter(tokens, image_index, text_embeds=text_embeds))
+        _, pooled = self.prompter(tokens, image_index, text_embeds=text_embeds, return_pooled=True)
+        if head_input == "pooled":
             return self.box_head(pooled)
-        return self.box_head(self.prompter(tokens, image_index, text_embeds=text_embeds))
+        image_tokens = self.prompter.image_adapter(tokens)
+        image_pos = self.prompter.image_positions(image_tokens.shape[1], image_tokens.device, image_tokens.dtype)
+        return self.box_head(pooled, image_tokens, image_pos, image_index)
 
     @staticmethod
     def _deprecated_index(text_image_index, input_ids, batch: int) -> torch.Tensor:

@@ -368,4 +368,65 @@ class CLOCBoxHead(nn.Module):
         return boxes.clamp(0, 1) if self.norm is None or not self.training else boxes
 
 
-__all__ = ["CLOCBoxHead", "CLOCPositionEncoding", "CLOCPromptEncoder", "CLOCPrompter", "CLOCPrompterLayer"]
+class CLOCAttentionBoxHead(nn.Module):
+    """Box from where a text prompt looks: a spatial attention map over the patches and its moments.
+
+    The text prompt's pooled Prompter state is the query; the patch tokens (plus their position
+    codes) are the keys. The softmax map ``a`` over the ``N`` patches gives the box centre as the
+    map's mean patch centre and the size from its variance: a map spread evenly over ``n`` patches
+    of pitch ``p`` has variance ``p^2 (n^2 - 1) / 12``, so ``size = sqrt(12 var + p^2)``. A small
+    MLP on [query; attended features] then refines centre and size (starts near zero). Reading the
+    position from the map rather than regressing it from a pooled vector keeps the box tied to the
+    image content the phrase matches; a regression head on the pooled state learns the mean box
+    first and stays there on small data. Boxes are clipped to the frame in eval mode only.
+    """
+
+    def __init__(self, hidden: int, head_hidden: int, eps: float = 1e-5):
+        super().__init__()
+        self.query_norm = nn.LayerNorm(hidden, eps=eps)
+        self.key_norm = nn.LayerNorm(hidden, eps=eps)
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.fc1 = nn.Linear(2 * hidden, head_hidden)
+        self.activation = nn.GELU()
+        self.fc2 = nn.Linear(head_hidden, 4)
+
+    def attention_map(self, query_states, image_tokens, image_pos, image_index) -> torch.Tensor:
+        """``(R, N)`` softmax map of each query over its image's patch tokens (class token dropped)."""
+        keys = self.k_proj(self.key_norm(image_tokens[:, 1:]) + image_pos[1:])  # (B, N, h)
+        queries = self.q_proj(self.query_norm(query_states))  # (R, h)
+        logits = torch.einsum("rh,rnh->rn", queries, keys[image_index]) / math.sqrt(queries.shape[-1])
+        return logits.softmax(dim=-1)
+
+    def forward(self, query_states, image_tokens, image_pos, image_index) -> torch.Tensor:
+        """``query_states (R, h)``, ``image_tokens (B, 1 + N, h)`` (Prompter width), ``image_pos
+        (1 + N, h)`` their position codes, ``image_index (R,)`` -> ``(R, 4)`` normalised xyxy boxes."""
+        attn = self.attention_map(query_states, image_tokens, image_pos, image_index)
+        side = grid_side(attn.shape[-1])
+        centres = patch_centres(side).to(attn.device, attn.dtype)  # (N, 2)
+        mean = attn @ centres
+        var = (attn @ centres.square() - mean.square()).clamp_min(0)
+        pitch = 1.0 / side
+        size = (12 * var + pitch**2).sqrt()
+        attended = torch.einsum("rn,rnh->rh", attn, self.key_norm(image_tokens[:, 1:])[image_index])
+        delta = self.fc2(self.activation(self.fc1(torch.cat([self.query_norm(query_states), attended], -1))))
+        centre = mean + pitch * delta[:, :2]
+        size = size * delta[:, 2:].clamp(-3, 3).exp()
+        boxes = box_convert(torch.cat([centre, size], -1), "cxcywh", "xyxy")
+        return boxes if self.training else boxes.clamp(0, 1)
+
+
+def build_box_head(config: CLOCPrompterConfig, projection_dim: int) -> nn.Module | None:
+    """The box head ``config.box_head_input`` asks for; ``None`` for the RoI-Align Prompter (no text prompts)."""
+    if config.prompter_type != "transformer":
+        return None
+    head_hidden = config.box_head_hidden_size or config.hidden_size
+    if config.box_head_input == "attention":
+        return CLOCAttentionBoxHead(config.hidden_size, head_hidden, eps=config.layer_norm_eps)
+    pooled = config.box_head_input == "pooled"
+    return CLOCBoxHead(
+        config.hidden_size if pooled else projection_dim, head_hidden, norm=pooled, eps=config.layer_norm_eps
+    )
+
+
+__all__ = ["CLOCAttentionBoxHead", "CLOCBoxHead", "build_box_head", "CLOCPositionEncoding", "CLOCPromptEncoder", "CLOCPrompter", "CLOCPrompterLayer"]

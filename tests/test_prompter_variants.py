@@ -203,3 +203,65 @@ def test_text_value_positions_change_only_text_prompts():
     with torch.no_grad():
         assert torch.equal(plain.get_region_features(image, boxes=boxes)[0], with_pos.get_region_features(image, boxes=boxes)[0])
         assert not torch.allclose(plain.ground(image, ids), with_pos.ground(image, ids))
+
+
+def _peaked_head(hidden=16):
+    """An attention box head whose map is set by hand through the keys: query . key is large on the
+    patches we mark and 0 elsewhere; the refinement MLP is zeroed so the box is the map's moments."""
+    from cloc_hf.modeling_prompter import CLOCAttentionBoxHead
+
+    head = CLOCAttentionBoxHead(hidden, 8).eval()
+    with torch.no_grad():
+        for lin, scale in ((head.q_proj, 10.0), (head.k_proj, 1.0)):  # a sharp map
+            lin.weight.copy_(scale * torch.eye(hidden))
+            lin.bias.zero_()
+        head.fc2.weight.zero_()
+        head.fc2.bias.zero_()
+    return head
+
+
+@pytest.mark.parametrize("cells", [(2, 4, 1, 3), (0, 8, 0, 8), (5, 6, 6, 8)])
+def test_attention_box_head_reads_the_box_off_its_map(cells):
+    """A map spread evenly over a block of patches gives exactly that block's box (x1, x2, y1, y2 in cells)."""
+    hidden, side = 16, 8
+    head = _peaked_head(hidden)
+    x1, x2, y1, y2 = cells
+    inside = torch.zeros(side, side, dtype=torch.bool)
+    inside[y1:y2, x1:x2] = True
+    direction = torch.zeros(hidden)
+    direction[0] = 1.0
+    # key_norm maps tokens to zero mean / unit variance: build tokens whose normalised form is +-v on dim 0
+    tokens = torch.zeros(1, 1 + side * side, hidden)
+    tokens[0, 1:, 1] = 1.0
+    tokens[0, 1:, 0] = torch.where(inside.flatten(), 50.0, -50.0)
+    query = direction[None] * 40.0
+    pos = torch.zeros(1 + side * side, hidden)
+    with torch.no_grad():
+        attn = head.attention_map(query, tokens, pos, torch.tensor([0]))
+        box = head(query, tokens, pos, torch.tensor([0]))[0]
+    assert attn[0, inside.flatten()].sum() > 0.999
+    expected = torch.tensor([x1, y1, x2, y2], dtype=torch.float32) / side
+    torch.testing.assert_close(box, expected, atol=2e-3, rtol=0)
+
+
+def test_attention_box_head_trains_and_grounds():
+    model = _model(box_head_input="attention").train()
+    assert type(model.box_head).__name__ == "CLOCAttentionBoxHead"
+    ids = make_token_ids(2)
+    out = model(
+        input_ids=ids,
+        pixel_values=torch.randn(2, 3, 32, 32),
+        region_boxes=[torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.tensor([[0.2, 0.3, 0.9, 0.8], [0.0, 0.0, 0.4, 0.4]])],
+        region_input_ids=[make_token_ids(1, seed=1), make_token_ids(2, seed=2)],
+        return_loss=True,
+    )
+    assert out.loss_grounding > 0
+    out.loss.backward()
+    for param in (model.box_head.k_proj.weight, model.box_head.q_proj.weight, model.box_head.fc2.weight):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    assert model.prompter.layers[0].q_proj.weight.grad.abs().sum() > 0  # through the pooled query
+    model.eval()
+    with torch.no_grad():
+        found = model.ground(torch.randn(2, 3, 32, 32), ids, return_scores=True)
+    assert found.pred_boxes.shape == (2, 4) and ((found.pred_boxes >= 0) & (found.pred_boxes <= 1)).all()
+    assert (found.pred_boxes[:, 2:] >= found.pred_boxes[:, :2]).all()
