@@ -28,13 +28,21 @@ BOX_HEAD_INPUTS = ("region_embedding", "pooled", "attention")
 
 # Named Prompter variants (`CLOCPrompterConfig.preset(name)`), as overrides of the defaults.
 PROMPTER_PRESETS: dict[str, dict] = {
-    # the first release's Prompter: every default
+    # the defaults: a box prior on the attention and the attention-map box head
     "default": {},
+    # the first release's Prompter (no box prior, the box head on the region embedding)
+    "first_release": {"box_attention_bias": 0.0, "box_head_input": "region_embedding"},
     # the paper read literally: each corner's sinusoidal code *is* its prompt token, no type
-    # embeddings, no position codes on the image keys
-    "paper": {"prompt_position": "token", "type_embeddings": False, "image_position_encoding": False},
-    # position codes without aliasing (half a cycle to half the patch grid per frame), a box prior on
-    # the attention, and a box head on the pooled state of text prompts whose values carry positions
+    # embeddings, no position codes on the image keys, no box prior, the box head on the region embedding
+    "paper": {
+        "prompt_position": "token",
+        "type_embeddings": False,
+        "image_position_encoding": False,
+        "box_attention_bias": 0.0,
+        "box_head_input": "region_embedding",
+    },
+    # position codes without aliasing (half a cycle to half the patch grid per frame), the box prior,
+    # and a box head regressing from the pooled state of text prompts whose values carry positions
     "local": {
         "position_min_cycles": 0.5,
         "position_temperature": None,
@@ -43,6 +51,9 @@ PROMPTER_PRESETS: dict[str, dict] = {
         "box_head_input": "pooled",
     },
 }
+# Prompter defaults of configs saved before these fields existed (read by `CLOCConfig` when it
+# loads a saved file without them, so old checkpoints mean what they meant).
+LEGACY_PROMPTER_DEFAULTS: dict[str, Any] = dict(PROMPTER_PRESETS["first_release"])
 # CLOCConfig fields that only change the loss, not the weights: the ones a run may change on a
 # loaded checkpoint (``training.config.PretrainConfig.init_from``).
 LOSS_SETTINGS = (
@@ -127,26 +138,30 @@ class CLOCPrompterConfig(PreTrainedConfig):
             Add a learned type embedding (top-left / bottom-right corner, point) to each box or point
             prompt token, as SAM does. `False` with `prompt_position="token"` and
             `image_position_encoding=False` is the paper's literal Prompter (`preset("paper")`).
-        box_attention_bias (`float`, defaults to 0.0):
+        box_attention_bias (`float`, defaults to 4.0):
             A box prior: added as `-box_attention_bias` to the attention logits from a box's prompt
             tokens to patch tokens whose centre lies outside the box (class token and patches inside
-            unbiased). 0 = no prior (the paper). A positive value gives the Prompter RoI-Align's
-            locality from the first step while it keeps a learned pooling over the whole image
-            (Mask2Former's masked attention, softened). Text and point prompts are never biased.
+            unbiased). 0 = no prior (the paper, and configs saved before this field existed). The
+            default gives the Prompter RoI-Align's locality from the first step while it keeps a
+            learned pooling over the whole image (Mask2Former's masked attention, softened); chosen
+            on the demo's validation split (`docs/ablations_report.md`). Text and point prompts are
+            never biased.
         text_value_positions (`bool`, defaults to `False`):
             In a *text* prompt's pass only, add the image tokens' position codes to the attention's
             values too, so the pooled state records where the prompt looked (what a
             `box_head_input="pooled"` box head needs to regress a box). Box, point and region
             embeddings are unaffected; `False` = the paper's values, content only.
-        box_head_input (`str`, defaults to `"region_embedding"`):
+        box_head_input (`str`, defaults to `"attention"`):
             What the box head reads. `"region_embedding"`: the text prompt's region embedding (the
-            paper; the region-text loss keeps that embedding position-free, which starves the head).
+            paper, and configs saved before this field existed; the region-text loss keeps that
+            embedding position-free, which starves the head: it learns the mean box).
             `"pooled"`: the Prompter's pooled state before its projection, through the head's own
             LayerNorm; its boxes are not clipped during training (clipping zeroes the gradient of a
             coordinate pushed outside the frame), only in `CLOCModel.ground`.
             `"attention"`: the box is read off a spatial attention map of the text prompt's pooled
             state over the patch tokens (its mean and spread, refined by a small MLP;
-            `CLOCAttentionBoxHead`), unclipped during training like `"pooled"`.
+            `CLOCAttentionBoxHead`), unclipped during training like `"pooled"`. The default: the
+            only one of the three that grounds in the demo (validation split, `docs/demo_report.md`).
         box_encoding (`str`, defaults to `"corners"`):
             Prompt tokens of a box. `"corners"`: the paper's two tokens, top-left and bottom-right.
             `"corners_center"`: a third token at the box centre, whose query looks where the object is
@@ -190,9 +205,9 @@ class CLOCPrompterConfig(PreTrainedConfig):
     position_temperature: float | None = 64.0
     position_min_cycles: float = 1.0
     type_embeddings: bool = True
-    box_attention_bias: float = 0.0
+    box_attention_bias: float = 4.0
     text_value_positions: bool = False
-    box_head_input: str = "region_embedding"
+    box_head_input: str = "attention"
     box_encoding: str = "corners"
     prompt_position: str = "attention"
     image_position_encoding: bool = True
@@ -262,9 +277,11 @@ class CLOCConfig(PreTrainedConfig):
             it from here.
         use_grounding_loss (`bool`, defaults to `True`):
             Include `L_grounding` (the paper does); `False` is the Table 2 ablation without it.
-        grounding_loss_type (`str`, defaults to `"l2"`):
+        grounding_loss_type (`str`, defaults to `"l1_giou"`):
             `"l2"` (the paper: mean squared error over the 4 coordinates) or `"l1_giou"` (L1 + GIoU,
-            DETR-style). Was `grounding_loss` (still accepted, with a `FutureWarning`).
+            DETR-style: its GIoU term still pulls a box that misses the target entirely, where L2 on
+            small normalised coordinates gives the head almost no signal). Was `grounding_loss`
+            (still accepted, with a `FutureWarning`).
         grounding_giou_weight (`float`, defaults to 1.0): weight of the GIoU term in `"l1_giou"` (DETR's
             ratio of GIoU to L1 weight is close to 1).
         grounding_loss_weight (`float`, defaults to 1.0):
@@ -296,7 +313,7 @@ class CLOCConfig(PreTrainedConfig):
     region_loss_weight: float = 1.0
     text_filter_threshold: float | None = 0.9
     use_grounding_loss: bool = True
-    grounding_loss_type: str = "l2"
+    grounding_loss_type: str = "l1_giou"
     grounding_giou_weight: float = 1.0
     grounding_loss_weight: float = 1.0
     point_prompt_loss: bool = False
@@ -304,6 +321,7 @@ class CLOCConfig(PreTrainedConfig):
     initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs):
+        self._fill_legacy_defaults()
         if "grounding_loss" in kwargs:  # the field's old name (config.json files saved before the rename)
             self._take_old_grounding_loss(kwargs.pop("grounding_loss"))
         super().__post_init__(**kwargs)
@@ -316,6 +334,17 @@ class CLOCConfig(PreTrainedConfig):
         self.prompter_config.validate_architecture()
         for tower in (self.text_config, self.vision_config):
             tower.projection_dim = self.projection_dim
+
+    def _fill_legacy_defaults(self) -> None:
+        """A config read from a saved file (it records ``transformers_version``) that predates a
+        changed default keeps the value it was trained with: saved configs hold every field that
+        existed when they were written, so a missing one means "the old default"."""
+        if self.transformers_version is None:
+            return
+        if isinstance(self.prompter_config, Mapping):
+            self.prompter_config = {**LEGACY_PROMPTER_DEFAULTS, **self.prompter_config}
+        elif self.prompter_config is None:
+            self.prompter_config = dict(LEGACY_PROMPTER_DEFAULTS)
 
     def _take_old_grounding_loss(self, value) -> None:
         """Accept ``grounding_loss`` (renamed ``grounding_loss_type``: the old name read like a switch)."""

@@ -28,8 +28,8 @@ def test_old_config_json_with_grounding_loss_still_loads(tmp_path):
 
 
 def test_grounding_loss_old_name_conflicts_raise_naming_both():
-    with pytest.raises(ValueError, match=r"grounding_loss='l2'.*grounding_loss_type='l1_giou'"):
-        CLOCConfig(grounding_loss="l2", grounding_loss_type="l1_giou")
+    with pytest.raises(ValueError, match=r"grounding_loss='l1_giou'.*grounding_loss_type='l2'"):
+        CLOCConfig(grounding_loss="l1_giou", grounding_loss_type="l2")
     with pytest.raises(ValueError, match="use_grounding_loss"):  # the old PretrainConfig switch, given to the model
         CLOCConfig(grounding_loss=False)
 

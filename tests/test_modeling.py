@@ -82,7 +82,8 @@ def test_batched_equals_box_by_box(pooling):
 
 @pytest.mark.parametrize("prompt_position", ["token", "attention"])
 def test_prompt_pool_equals_full_layer_reference(prompt_position):
-    """The cheap 'prompt' mode must equal one full layer over [prompts; image tokens], prompt rows pooled."""
+    """The cheap 'prompt' mode must equal one full layer over [prompts; image tokens], prompt rows pooled
+    (with the box prior's bias on the prompt rows' attention to the image tokens)."""
     torch.manual_seed(0)
     tiny_model = cloc_hf.create_model("cloc-tiny", prompter_config={"prompt_position": prompt_position}).eval()
     px = torch.randn(2, 3, 32, 32)
@@ -99,7 +100,9 @@ def test_prompt_pool_equals_full_layer_reference(prompt_position):
                 x = torch.cat([prompts, tokens[i : i + 1]], dim=1)
                 pos = torch.cat([prompt_pos[0], pos_img])[None]
                 layer: CLOCPrompterLayer = prompter.layers[0]
-                out = layer(x, pos, x, pos, None)[:, :2].mean(1)
+                bias = x.new_zeros(1, x.shape[1], x.shape[1])  # the box prior on the prompt rows (default on)
+                bias[:, :2, 2:] = prompter.box_key_bias(box[None], tokens.shape[1], tokens.dtype)
+                out = layer(x, pos, x, pos, bias)[:, :2].mean(1)
                 expected.append(prompter.projection(prompter.post_layernorm(out)))
     torch.testing.assert_close(got, torch.cat(expected), atol=1e-5, rtol=1e-5)
 

@@ -265,3 +265,29 @@ def test_attention_box_head_trains_and_grounds():
         found = model.ground(torch.randn(2, 3, 32, 32), ids, return_scores=True)
     assert found.pred_boxes.shape == (2, 4) and ((found.pred_boxes >= 0) & (found.pred_boxes <= 1)).all()
     assert (found.pred_boxes[:, 2:] >= found.pred_boxes[:, :2]).all()
+
+
+def test_configs_saved_before_the_new_defaults_keep_their_prompter(tmp_path):
+    """A saved config without box_attention_bias / box_head_input (written before they existed) loads
+    with the first release's values; new configs get the new defaults and keep them through a save."""
+    import json
+
+    from cloc_hf.configuration_cloc import LEGACY_PROMPTER_DEFAULTS
+
+    config = cloc_hf.get_model_config("cloc-tiny")
+    assert config.prompter_config.box_attention_bias == 4.0 and config.prompter_config.box_head_input == "attention"
+    config.save_pretrained(tmp_path / "new")
+    again = cloc_hf.CLOCConfig.from_pretrained(tmp_path / "new")
+    assert again.prompter_config.box_attention_bias == 4.0 and again.prompter_config.box_head_input == "attention"
+
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())
+    for key in LEGACY_PROMPTER_DEFAULTS:
+        del saved["prompter_config"][key]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    old = cloc_hf.CLOCConfig.from_pretrained(tmp_path / "old")
+    assert old.prompter_config.box_attention_bias == 0.0 and old.prompter_config.box_head_input == "region_embedding"
+    assert type(cloc_hf.CLOCModel(old).box_head).__name__ == "CLOCBoxHead"
+    # built by hand (no saved transformers_version): the new defaults, even from a partial dict
+    by_hand = cloc_hf.CLOCConfig(prompter_config={"num_hidden_layers": 1})
+    assert by_hand.prompter_config.box_head_input == "attention"
