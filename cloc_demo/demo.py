@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from cloc_data.synthetic import SyntheticSceneConfig, write_synthetic_dataset
+from cloc_hf.configuration_cloc import PROMPTER_PRESETS
 from cloc_demo.report import (
     aggregate_reports,
     draw_examples,
@@ -128,8 +129,8 @@ PRESETS: dict[str, dict[str, Any]] = {
              "goals": {"region_macc_margin": 15.0, "clip_shape_acc": 60.0, "steps_to_80_ratio": 0.5,
                        "rec_head_acc50": 85.0}},
     "ablations": {"equal_time_run": False,
-                  "ablations": ("roi_align", "no_text_filter", "text_filter_0.9", "no_grounding", "m2", "noisy_labels",
-                                "prompt_token")},
+                  "ablations": ("roi_align", "no_box_prior", "paper_prompter", "no_text_filter", "text_filter_0.9",
+                                "no_grounding", "m2", "noisy_labels", "prompt_token")},
     # a seconds-long run of the whole pipeline, for tests
     "smoke": {"training": {"arch": "cloc-tiny", "steps": 4, "batch_size": 16, "eval_every": 2},
               "n_train": 96, "n_val": 16, "n_test": 16, "curve_images": 8, "test_images": 8, "equal_time_run": True},
@@ -147,6 +148,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no_grounding": {"training": {"model_overrides": {"use_grounding_loss": False}},
                      "paper_sign": "lower or equal; no box head for REC"},
     "m2": {"training": {"regions_per_image": 2}, "paper_sign": "lower (fewer regions per image)"},
+    "no_box_prior": {"training": {"model_overrides": {"prompter_config": {"box_attention_bias": 0.0}}},
+                     "paper_sign": "not in the paper: the Prompter without the box prior on its attention"},
+    "paper_prompter": {"training": {"model_overrides": {"prompter_config": dict(PROMPTER_PRESETS["paper"]),
+                                                        "grounding_loss_type": "l2"}},
+                       "paper_sign": "the paper read literally (corner codes as tokens, no type embeddings or "
+                                     "image position codes, no box prior, box head on the region embedding, L2)"},
     "prompt_token": {"training": {"model_overrides": {"prompter_config": {"prompt_position": "token"}}},
                      "paper_sign": "not in the paper: its literal prompt form (position code as the token content)"},
     "noisy_labels": {"training": {}, "noise": {"box_jitter": 0.1, "missed_region_prob": 0.3, "wrong_phrase_prob": 0.15},

@@ -94,10 +94,17 @@ RESOLVED_BEFORE = {
         ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "attention", True),
     "ablations/ablation-prompt_token":
         ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "token", True),
+    # added with the box prior and attention box head becoming the defaults: rows without them
+    "ablations/ablation-no_box_prior":
+        ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "attention", True),
+    "ablations/ablation-paper_prompter":
+        ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "token", True),
 }
 # the only CLOCConfig entries a demo run may change relative to its named architecture
 OVERRIDABLE = {"text_filter_threshold", "use_grounding_loss", "prompter_config.prompter_type",
-               "prompter_config.prompt_position"}
+               "prompter_config.prompt_position", "prompter_config.box_attention_bias",
+               "prompter_config.box_head_input", "prompter_config.type_embeddings",
+               "prompter_config.image_position_encoding", "grounding_loss_type"}
 
 
 def _flat(d, prefix=""):
@@ -132,7 +139,8 @@ def test_presets_resolve_to_the_same_runs_as_before(tmp_path):
         seen.add(preset_name)
     assert seen == {"demo", "long", "ablations"}
     assert resolve_preset("ablations").ablations == (
-        "roi_align", "no_text_filter", "text_filter_0.9", "no_grounding", "m2", "noisy_labels", "prompt_token")
+        "roi_align", "no_box_prior", "paper_prompter", "no_text_filter", "text_filter_0.9", "no_grounding", "m2",
+        "noisy_labels", "prompt_token")
     assert resolve_preset("demo").ablations == ("noisy_labels",)
     # every preset but the ablations compares with CLIP at equal wall-clock too
     assert [resolve_preset(n).equal_time_run for n in ("demo", "long", "ablations")] == [True, True, False]
