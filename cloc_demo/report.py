@@ -326,7 +326,8 @@ def write_report(out: Path, preset_name: str, preset: Any, report: Mapping[str, 
         table = [{**row, "vs_cloc": _signed(row, "vs_cloc")} for row in report["ablations"]]
         titles = {"name": "run", "vs_cloc": "vs CLOC (paired)", "paper_sign": "paper's sign"}
         lines += ["", "## Ablations and noisy labels (CLOC variants; the paper's Table 2 in miniature)", "",
-                  markdown_table(table, ["name", "region_macc", "vs_cloc", "rec_head_acc50", "paper_sign"], titles)]
+                  markdown_table(table, ["name", "region_macc", "vs_cloc", "region_noisy_macc", "rec_head_acc50",
+                                                "paper_sign"], titles)]
     if report.get("steps_to_accuracy"):
         lines += ["", "## Steps to region mAcc 50 / 80 / 90 (val curves)", "",
                   "First curve point (every `eval_every` steps) at which each run's region method reaches the "

@@ -11,6 +11,7 @@ synthetic scenes ``region_colour_acc`` and ``region_shape_acc``). Metric values 
 ``model``              the evaluated model's name, or ``None``
 ``region_macc``        region recognition, mean per-class accuracy (GT boxes, plain class names)
 ``region_acc``         region recognition, overall accuracy
+``region_noisy_macc``  region mAcc with every box corner jittered (``eval.region.jitter_boxes``; detail)
 ``region_r2t_r1``      region -> phrase recall@1 over the split's whole phrase gallery
 ``region_r2t_chance1`` its chance level (a random ranking of the gallery)
 ``region_t2r_r1``      phrase -> region recall@1;  ``region_t2r_chance1``: its chance level
@@ -152,6 +153,10 @@ FIELDS: tuple[RowField, ...] = (
              REGION_RECOGNITION, "mean_per_class_accuracy", "Region mAcc"),
     RowField("region_acc", "region acc", "region recognition, accuracy over all boxes",
              REGION_RECOGNITION, "accuracy", "Region accuracy (all boxes)"),
+    RowField("region_noisy_macc", "region mAcc (noisy boxes)",
+             "region recognition mean per-class accuracy with each box corner jittered (eval.region.jitter_boxes)",
+             REGION_RECOGNITION, "mean_per_class_accuracy", "Region mAcc, jittered boxes", "noisy-boxes",
+             detail=True),
     RowField("region_r2t_r1", "region→text R@1", "region -> phrase recall@1 over the split's phrase gallery",
              REGION_RETRIEVAL, "recall@1", "Region→text R@1", "region-to-text"),
     RowField("region_r2t_chance1", "(chance)", "chance level of region -> phrase recall@1",

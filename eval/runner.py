@@ -47,7 +47,7 @@ from cloc_data.format import RegionSample
 from cloc_data.shards import SkipCounter, list_shards
 from eval.baselines import EncodeOptions, check_method
 from eval.rec import POOL_SIZE, RecImageView, evaluate_rec, load_refs
-from eval.region import RegionRecognitionView, load_coco_regions, region_recognition
+from eval.region import RegionRecognitionView, jitter_boxes, load_coco_regions, region_recognition
 from eval.results import (  # noqa: F401  (METHODS, ROW_KEYS, jsonable, save_results: this module's API too)
     METHODS,
     ROW_KEYS,
@@ -270,6 +270,13 @@ class _Run:
             )
             for m in methods
         }
+        noisy = jitter_boxes(data)  # the same noisy boxes for every method
+        self.results["region_noisy_boxes"] = {
+            m: self.timed(
+                f"region_noisy_boxes/{m}", region_recognition, self.model, self.processor, noisy, m, self.options
+            )
+            for m in methods
+        }
 
     def _task_region_retrieval(self, methods):
         items = self.region_texts()
@@ -353,6 +360,7 @@ def build_rows(
         row = empty_row(method, model_name)
         region = _get(results, "region", method) or {}
         row["region_macc"], row["region_acc"] = region.get("macc"), region.get("acc")
+        row["region_noisy_macc"] = _get(results, "region_noisy_boxes", method, "macc")
         for attr in attributes:
             row[attribute_key(attr)] = _get(region, "attributes", attr)
         for key in ("r2t_r1", "r2t_chance1", "t2r_r1", "t2r_chance1", "r2t_r10", "t2r_r10"):

@@ -695,3 +695,28 @@ def test_evaluate_rec_pool_splits_and_off(model, processor, refer_files):
     assert both["ranking_pool"]["cloc"]["val"]["num_candidates"] == 6
     assert evaluate_rec(model, processor, data, pool_size=0)["ranking_pool"] is None
     assert evaluate_rec(model, processor, data, pool_splits=("test",))["ranking_pool"] is None  # no such split
+
+
+def test_jitter_boxes_moves_boxes_reproducibly_and_keeps_them_valid():
+    from cloc_data.format import Region, RegionSample
+    from eval.region import RegionRecognitionView, jitter_boxes
+
+    samples = [
+        RegionSample(key=f"s{i}", caption="", width=40, height=30, image=None,
+                     regions=[Region(box=[2.0, 3.0, 20.0, 25.0], phrase="a", meta={"category_id": 1}),
+                              Region(box=[30.0, 0.0, 40.0, 30.0], phrase="b", meta={"category_id": 2})])
+        for i in range(20)
+    ]
+    view = RegionRecognitionView(samples, ["a", "b"], [1, 2])
+    noisy, again = jitter_boxes(view, 0.2, seed=3), jitter_boxes(view, 0.2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(noisy.boxes, again.boxes))
+    assert all(torch.equal(a, b) for a, b in zip(jitter_boxes(view, 0.0).boxes, view.boxes))
+    moved = torch.cat(noisy.boxes)
+    assert not torch.equal(moved, torch.cat(view.boxes))
+    assert (moved[:, 2] - moved[:, 0] >= 1).all() and (moved[:, 3] - moved[:, 1] >= 1).all()
+    assert (moved[:, [0, 2]] >= 0).all() and (moved[:, [0, 2]] <= 40).all() and (moved[:, [1, 3]] <= 30).all()
+    assert view.labels is noisy.labels and len(view.boxes[0]) == 2  # the original view is untouched
+    spread = (moved - torch.cat(view.boxes)).abs().mean()
+    assert 0.5 < float(spread) < 6.0
+    with pytest.raises(ValueError, match="scale"):
+        jitter_boxes(view, -1)
