@@ -150,11 +150,10 @@ def test_ground_scores_are_the_similarity_at_the_predicted_box():
     assert [b.shape for b in listed.pred_boxes] == [(1, 4), (2, 4)]
 
 
-def test_local_preset_trains_one_step():
-    model = _model(**PROMPTER_PRESETS["local"]).train()
-    ids = make_token_ids(2)
+def _train_step(model) -> None:
+    """One forward with region losses and a backward pass on two images (1 and 2 boxes)."""
     out = model(
-        input_ids=ids,
+        input_ids=make_token_ids(2),
         pixel_values=torch.randn(2, 3, 32, 32),
         region_boxes=[torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.tensor([[0.2, 0.3, 0.9, 0.8], [0.0, 0.0, 0.4, 0.4]])],
         region_input_ids=[make_token_ids(1, seed=1), make_token_ids(2, seed=2)],
@@ -162,6 +161,11 @@ def test_local_preset_trains_one_step():
     )
     assert out.loss_grounding > 0
     out.loss.backward()
+
+
+def test_local_preset_trains_one_step():
+    model = _model(**PROMPTER_PRESETS["local"]).train()
+    _train_step(model)
     assert model.box_head.norm.weight.grad is not None
     assert model.prompter.layers[0].q_proj.weight.grad.abs().sum() > 0
 
@@ -247,22 +251,13 @@ def test_attention_box_head_reads_the_box_off_its_map(cells):
 def test_attention_box_head_trains_and_grounds():
     model = _model(box_head_input="attention").train()
     assert type(model.box_head).__name__ == "CLOCAttentionBoxHead"
-    ids = make_token_ids(2)
-    out = model(
-        input_ids=ids,
-        pixel_values=torch.randn(2, 3, 32, 32),
-        region_boxes=[torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.tensor([[0.2, 0.3, 0.9, 0.8], [0.0, 0.0, 0.4, 0.4]])],
-        region_input_ids=[make_token_ids(1, seed=1), make_token_ids(2, seed=2)],
-        return_loss=True,
-    )
-    assert out.loss_grounding > 0
-    out.loss.backward()
+    _train_step(model)
     for param in (model.box_head.k_proj.weight, model.box_head.q_proj.weight, model.box_head.fc2.weight):
         assert param.grad is not None and param.grad.abs().sum() > 0
     assert model.prompter.layers[0].q_proj.weight.grad.abs().sum() > 0  # through the pooled query
     model.eval()
     with torch.no_grad():
-        found = model.ground(torch.randn(2, 3, 32, 32), ids, return_scores=True)
+        found = model.ground(torch.randn(2, 3, 32, 32), make_token_ids(2), return_scores=True)
     assert found.pred_boxes.shape == (2, 4) and ((found.pred_boxes >= 0) & (found.pred_boxes <= 1)).all()
     assert (found.pred_boxes[:, 2:] >= found.pred_boxes[:, :2]).all()
 
