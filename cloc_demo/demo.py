@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from cloc_data.synthetic import SyntheticSceneConfig, write_synthetic_dataset
-from cloc_hf.configuration_cloc import PROMPTER_PRESETS
 from cloc_demo.report import (
     aggregate_reports,
     draw_examples,
@@ -47,6 +46,7 @@ from cloc_demo.report import (
     steps_to_accuracy,
     write_report,
 )
+from cloc_hf.configuration_cloc import PROMPTER_PRESETS
 from eval.region import load_coco_regions, region_recognition
 from eval.results import CLIP_METHODS, jsonable, save_results
 from eval.runner import evaluate

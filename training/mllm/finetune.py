@@ -352,7 +352,10 @@ def main(argv=None) -> int:
     trainer.tower_lr = args.tower_lr
     checkpoint = get_last_checkpoint(args.out) if args.resume and out.is_dir() else None
     if args.resume:
-        logger.info("resuming from %s" % checkpoint if checkpoint else "no checkpoint in %s: starting from scratch" % out)
+        if checkpoint:
+            logger.info("resuming from %s", checkpoint)
+        else:
+            logger.info("no checkpoint in %s: starting from scratch", out)
     trainer.train(resume_from_checkpoint=checkpoint)
     save_final(trainer, processor, out, base_dir or (str(out / "base") if (out / "base").is_dir() else None))
     return 0
