@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import warnings
@@ -36,6 +37,7 @@ from eval.baselines import REGION_METHODS, encode_class_names, encode_regions, e
 from llava_bridge.box_text import FRAMES, box_to_text, get_convention, resolve_frame, text_to_box
 from llava_bridge.constants import REGION_TOKEN
 
+logger = logging.getLogger(__name__)
 DEFAULT_CLOC = "runs/demo/cloc"
 DEFAULT_CLIP = "runs/demo/clip"
 DEFAULT_MLLM = "runs/demo-mllm/cloc-llava"
@@ -272,12 +274,12 @@ def load_scenes(data_dir: str | os.PathLike, limit: int = 100) -> list[dict]:
 def default_vocabulary(data_dir: str | os.PathLike | None = None) -> list[str]:
     """The dataset's category names when ``data_dir`` has them, else the synthetic scenes' colour+shape
     classes ("red circle", ...), the vocabulary the demo checkpoints were trained on."""
-    if data_dir is not None:
+    path = Path(data_dir) / "instances_test.json" if data_dir is not None else None
+    if path is not None and path.is_file():
         try:
-            categories = json.loads((Path(data_dir) / "instances_test.json").read_text())["categories"]
-            return [c["name"] for c in categories]
-        except (OSError, ValueError, KeyError):
-            pass
+            return [c["name"] for c in json.loads(path.read_text())["categories"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("%s: no readable category names (%s); using the synthetic scenes' classes", path, err)
     from cloc_data.synthetic import SyntheticSceneConfig
     from cloc_data.synthetic.config import class_names
 

@@ -174,6 +174,13 @@ def test_scenes_and_default_vocabulary(ckpt):
     assert ab.load_scenes("/no/such/folder") == []
 
 
+def test_unreadable_category_file_falls_back_with_a_warning(tmp_path, caplog):
+    (tmp_path / "instances_test.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="cloc_demo.app_backend"):
+        vocab = ab.default_vocabulary(tmp_path)
+    assert vocab == ab.default_vocabulary(None) and "no readable category names" in caplog.text
+
+
 # --- caching and labels --------------------------------------------------------------------------------
 def test_vit_runs_once_per_image_however_many_prompts(backend):
     calls, start = [], backend.vit_passes
