@@ -99,6 +99,26 @@ def checkpoint(tmp_path_factory):
     return folder, model, processor
 
 
+
+def _run_as_hub_user(script, folder, image_path, tmp_path, text, boxes) -> dict:
+    """Run ``script`` in a fresh interpreter that cannot import this project (as a hub user would) and
+    return the JSON report it prints last."""
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    }
+    # -I: no PYTHONPATH, no user site, no script or working directory on sys.path
+    argv = [sys.executable, "-I", "-c", script, str(folder), str(image_path), str(tmp_path)]
+    argv += [",".join(PROJECT_PACKAGES), json.dumps(text), json.dumps(boxes)]
+    result = subprocess.run(
+        argv, capture_output=True, text=True, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr  # no interactive prompt
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
 def test_save_pretrained_writes_auto_map_and_code(checkpoint):
     folder, _, _ = checkpoint
     processor_config = json.loads((folder / "processor_config.json").read_text())
@@ -118,20 +138,7 @@ def test_hub_user_without_the_package_gets_the_full_processor_and_model(checkpoi
     rng = np.random.default_rng(0)
     image_path = tmp_path / "image.png"
     PIL.Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)).save(image_path)
-    env = {
-        **os.environ,
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-    }
-    # -I: no PYTHONPATH, no user site, no script or working directory on sys.path
-    argv = [sys.executable, "-I", "-c", HUB_USER_SCRIPT, str(folder), str(image_path), str(tmp_path)]
-    argv += [",".join(PROJECT_PACKAGES), json.dumps(TEXT), json.dumps(BOXES)]
-    result = subprocess.run(
-        argv, capture_output=True, text=True, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _run_as_hub_user(HUB_USER_SCRIPT, folder, image_path, tmp_path, TEXT, BOXES)
     assert report["project_modules"] == []
     classes = report["classes"]
     for key, name in (
@@ -143,7 +150,6 @@ def test_hub_user_without_the_package_gets_the_full_processor_and_model(checkpoi
         module, class_name = classes[key]
         assert class_name == name and module.startswith("transformers_modules."), (key, classes[key])
     assert classes["tokenizer"][1] == "CLIPTokenizer"
-    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
 
     remote = load_file(str(tmp_path / "remote.safetensors"))
     expected = processor(images=[image_path], text=TEXT, boxes=[BOXES])
@@ -281,15 +287,7 @@ def test_hub_user_without_the_package_loads_a_saved_llava(tmp_path):
     image_path = tmp_path / "image.png"
     PIL.Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)).save(image_path)
     text, boxes = ["user <image> what is in <region>"], [[4.0, 3.0, 30.0, 25.0]]
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-    argv = [sys.executable, "-I", "-c", LLAVA_HUB_USER_SCRIPT, str(folder), str(image_path), str(tmp_path)]
-    argv += [",".join(PROJECT_PACKAGES), json.dumps(text), json.dumps(boxes)]
-    result = subprocess.run(
-        argv, capture_output=True, text=True, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _run_as_hub_user(LLAVA_HUB_USER_SCRIPT, folder, image_path, tmp_path, text, boxes)
     assert report["project_modules"] == []
     for key, name in (("processor", "CLOCLlavaProcessor"), ("image_processor", "CLOCImageProcessor"),
                       ("model", "CLOCLlavaForConditionalGeneration"), ("tower", "CLOCVisionModel"),
