@@ -144,7 +144,7 @@ class CLOCPrompterConfig(PreTrainedConfig):
             unbiased). 0 = no prior (the paper, and configs saved before this field existed). The
             default gives the Prompter RoI-Align's locality from the first step while it keeps a
             learned pooling over the whole image (Mask2Former's masked attention, softened); chosen
-            on the demo's validation split (`docs/ablations_report.md`). Text and point prompts are
+            on the demo's validation split (`docs/grounding_report.md`). Text and point prompts are
             never biased.
         text_value_positions (`bool`, defaults to `False`):
             In a *text* prompt's pass only, add the image tokens' position codes to the attention's
@@ -161,7 +161,7 @@ class CLOCPrompterConfig(PreTrainedConfig):
             `"attention"`: the box is read off a spatial attention map of the text prompt's pooled
             state over the patch tokens (its mean and spread, refined by a small MLP;
             `CLOCAttentionBoxHead`), unclipped during training like `"pooled"`. The default: the
-            only one of the three that grounds in the demo (validation split, `docs/demo_report.md`).
+            only one of the three that grounds in the demo (validation split, `docs/grounding_report.md`).
         box_encoding (`str`, defaults to `"corners"`):
             Prompt tokens of a box. `"corners"`: the paper's two tokens, top-left and bottom-right.
             `"corners_center"`: a third token at the box centre, whose query looks where the object is

@@ -21,6 +21,17 @@ from .box_ops import box_convert, grid_side, patch_centres, roi_align_patch_toke
 from .configuration_cloc import CLOCPrompterConfig
 
 
+def image_slots(image_index: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+    """Each prompt's slot among its image's prompts (in order) and the most prompts of any image, so
+    per-prompt rows can be padded to ``(batch, max_count, ...)`` and share their image's keys."""
+    counts = torch.bincount(image_index, minlength=batch)
+    order = torch.argsort(image_index, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(image_index)
+    slot[order] = torch.arange(image_index.numel(), device=image_index.device) - starts[image_index[order]]
+    return slot, int(counts.max())
+
+
 class CLOCPositionEncoding(nn.Module):
     """Maps normalised ``(..., 2)`` xy coordinates to ``(..., hidden)`` vectors (no parameters)."""
 
@@ -224,13 +235,8 @@ class CLOCPrompter(nn.Module):
         ``(R, 1 + N)``: an additive bias of each region's attention logits on the image tokens.
         """
         batch, num_img_tokens, hidden = image_tokens.shape
-        num_regions, per_region, _ = prompts.shape
-        counts = torch.bincount(image_index, minlength=batch)
-        max_count = int(counts.max())
-        order = torch.argsort(image_index, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.empty_like(image_index)
-        slot[order] = torch.arange(num_regions, device=image_index.device) - starts[image_index[order]]
+        per_region = prompts.shape[1]
+        slot, max_count = image_slots(image_index, batch)
 
         padded = prompts.new_zeros(2, batch, max_count, per_region, hidden)
         padded[0, image_index, slot] = prompts
@@ -391,24 +397,32 @@ class CLOCAttentionBoxHead(nn.Module):
         self.activation = nn.GELU()
         self.fc2 = nn.Linear(head_hidden, 4)
 
+    def _maps(self, query_states, image_tokens, image_pos, image_index):
+        """``(R, N)`` softmax maps over each query's image patches (class token dropped) and the
+        ``(R, h)`` normalised patch features they attend to. Queries are padded per image, so keys are
+        computed once per image and no ``(R, N, h)`` copy of them is made."""
+        patches = self.key_norm(image_tokens[:, 1:])  # (B, N, h)
+        keys = self.k_proj(patches + image_pos[1:])
+        slot, max_count = image_slots(image_index, image_tokens.shape[0])
+        queries = keys.new_zeros(image_tokens.shape[0], max_count, keys.shape[-1])
+        queries[image_index, slot] = self.q_proj(self.query_norm(query_states)).to(keys.dtype)
+        attn = (queries @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])).softmax(dim=-1)  # (B, m, N)
+        return attn[image_index, slot], (attn @ patches)[image_index, slot]
+
     def attention_map(self, query_states, image_tokens, image_pos, image_index) -> torch.Tensor:
         """``(R, N)`` softmax map of each query over its image's patch tokens (class token dropped)."""
-        keys = self.k_proj(self.key_norm(image_tokens[:, 1:]) + image_pos[1:])  # (B, N, h)
-        queries = self.q_proj(self.query_norm(query_states))  # (R, h)
-        logits = torch.einsum("rh,rnh->rn", queries, keys[image_index]) / math.sqrt(queries.shape[-1])
-        return logits.softmax(dim=-1)
+        return self._maps(query_states, image_tokens, image_pos, image_index)[0]
 
     def forward(self, query_states, image_tokens, image_pos, image_index) -> torch.Tensor:
         """``query_states (R, h)``, ``image_tokens (B, 1 + N, h)`` (Prompter width), ``image_pos
         (1 + N, h)`` their position codes, ``image_index (R,)`` -> ``(R, 4)`` normalised xyxy boxes."""
-        attn = self.attention_map(query_states, image_tokens, image_pos, image_index)
+        attn, attended = self._maps(query_states, image_tokens, image_pos, image_index)
         side = grid_side(attn.shape[-1])
         centres = patch_centres(side).to(attn.device, attn.dtype)  # (N, 2)
         mean = attn @ centres
         var = (attn @ centres.square() - mean.square()).clamp_min(0)
         pitch = 1.0 / side
         size = (12 * var + pitch**2).sqrt()
-        attended = torch.einsum("rn,rnh->rh", attn, self.key_norm(image_tokens[:, 1:])[image_index])
         delta = self.fc2(self.activation(self.fc1(torch.cat([self.query_norm(query_states), attended], -1))))
         centre = mean + pitch * delta[:, :2]
         size = size * delta[:, 2:].clamp(-3, 3).exp()

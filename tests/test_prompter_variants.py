@@ -286,3 +286,19 @@ def test_configs_saved_before_the_new_defaults_keep_their_prompter(tmp_path):
     # built by hand (no saved transformers_version): the new defaults, even from a partial dict
     by_hand = cloc_hf.CLOCConfig(prompter_config={"num_hidden_layers": 1})
     assert by_hand.prompter_config.box_head_input == "attention"
+
+
+def test_attention_box_head_padding_per_image_equals_per_query_maps():
+    """Queries padded per image (keys once per image) give each query exactly its own image's map,
+    with images holding 0, 1 or several queries."""
+    from cloc_hf.modeling_prompter import CLOCAttentionBoxHead
+
+    torch.manual_seed(0)
+    head = CLOCAttentionBoxHead(16, 8).eval()
+    tokens, pos, queries = torch.randn(4, 1 + 64, 16), torch.randn(65, 16), torch.randn(6, 16)
+    index = torch.tensor([2, 0, 2, 1, 2, 0])  # image 3 has none
+    with torch.no_grad():
+        got = head.attention_map(queries, tokens, pos, index)
+        for row, image in enumerate(index.tolist()):
+            alone = head.attention_map(queries[row : row + 1], tokens[image : image + 1], pos, torch.tensor([0]))
+            torch.testing.assert_close(got[row], alone[0], atol=1e-6, rtol=1e-5)
