@@ -34,9 +34,10 @@ demo: $(STAMP)
 demo-long: $(STAMP)
 	$(PY) -m cloc_demo.demo --preset long --out runs/demo-long
 
-# The documented headline: `make demo` with seeds 0, 1, 2 (mean ± std; each seed in runs/demo-seeds/seed<N>)
+# The documented headline: `make demo` plus the noisy-label row with seeds 0, 1, 2 (mean ± std; each seed in
+# runs/demo-seeds/seed<N>); --reuse: when stopped, the next call loads the runs that had finished
 demo-seeds: $(STAMP)
-	$(PY) -m cloc_demo.demo --preset demo --seeds 3 --out runs/demo-seeds
+	$(PY) -m cloc_demo.demo --preset headline --seeds 3 --reuse --out runs/demo-seeds
 
 # The MLLM claim in miniature: CLOC vs CLIP towers inside a tiny LLaVA, from `make demo`'s checkpoints
 # (runs the demo's job first when they are missing); one thread -> runs/demo-mllm/report.md
@@ -45,7 +46,7 @@ demo-mllm: $(STAMP)
 
 # The paper's Table 2 in miniature, 3 seeds (mean ± std; ablation deltas paired per seed)
 ablations: $(STAMP)
-	$(PY) -m cloc_demo.demo --preset ablations --seeds 3 --out runs/ablations
+	$(PY) -m cloc_demo.demo --preset ablations --seeds 3 --reuse --out runs/ablations
 
 # The demo page over the checkpoints of `make demo` and `make demo-mllm` (each run first when its default
 # checkpoint is missing); prints the URL. Other folders: make app APP_CLOC=... APP_CLIP=... APP_MLLM=...

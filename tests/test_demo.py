@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -85,7 +86,7 @@ RESOLVED_BEFORE = {
     # added with issue 11: the paper's threshold back in Table 2, and the noisy-label row in the main demo
     "ablations/ablation-text_filter_0.9":
         ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9, "transformer", "attention", True),
-    "demo/ablation-noisy_labels":
+    "headline/ablation-noisy_labels":
         ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "attention", True),
     "ablations/ablation-no_grounding":
         ("cloc-tiny-demo", "cloc", 600, 128, 0.0015, 100, 150, 4, 0.9999, "transformer", "attention", False),
@@ -137,13 +138,17 @@ def test_presets_resolve_to_the_same_runs_as_before(tmp_path):
                    if v != _flat(cloc_hf.get_model_config(config.arch).to_dict()).get(k)}
         assert changed <= OVERRIDABLE, (key, changed - OVERRIDABLE)
         seen.add(preset_name)
-    assert seen == {"demo", "long", "ablations"}
+    assert seen == {"demo", "headline", "long", "ablations"}
     assert resolve_preset("ablations").ablations == (
         "roi_align", "no_box_prior", "paper_prompter", "no_text_filter", "text_filter_0.9", "no_grounding", "m2",
         "noisy_labels", "prompt_token")
-    assert resolve_preset("demo").ablations == ("noisy_labels",)
-    # every preset but the ablations compares with CLIP at equal wall-clock too
-    assert [resolve_preset(n).equal_time_run for n in ("demo", "long", "ablations")] == [True, True, False]
+    assert resolve_preset("demo").ablations == () and resolve_preset("headline").ablations == ("noisy_labels",)
+    # the headline is the demo plus its noisy-label row: same training, data and goals
+    demo, headline = resolve_preset("demo"), resolve_preset("headline")
+    assert dataclasses.replace(headline, ablations=()) == demo
+    # the equal wall-clock comparison is demo-long's (plain `make demo` stays ~15 min)
+    assert [resolve_preset(n).equal_time_run for n in ("demo", "headline", "long", "ablations")] == [
+        False, False, True, False]
 
 
 def test_presets_are_overrides_not_a_mirror_of_pretrain_config():
@@ -242,16 +247,17 @@ def test_demo_cli_passes_seeds(monkeypatch, tmp_path):
 
     calls = []
 
-    def fake(preset, out, seed, overrides, seeds=1):
-        calls.append((preset, str(out), seed, overrides, seeds))
+    def fake(preset, out, seed, overrides, seeds=1, reuse=False):
+        calls.append((preset, str(out), seed, overrides, seeds, reuse))
         (Path(out) / "report.md").parent.mkdir(parents=True, exist_ok=True)
         (Path(out) / "report.md").write_text("report")
         return {"total_seconds": 0.0}
 
     monkeypatch.setattr(demo, "run_demo", fake)
-    assert demo.main(["--preset", "ablations", "--seeds", "3", "--out", str(tmp_path)]) == 0
+    assert demo.main(["--preset", "ablations", "--seeds", "3", "--reuse", "--out", str(tmp_path)]) == 0
     assert demo.main(["--out", str(tmp_path)]) == 0
     assert [c[4] for c in calls] == [3, 1] and calls[0][0] == "ablations"
+    assert [c[5] for c in calls] == [True, False]
 
 
 def test_run_demo_rejects_zero_seeds(tmp_path):
@@ -274,3 +280,35 @@ def test_goals_are_checked_on_the_rows_given():
     assert goals["cloc_region_macc"]["met"] is True and goals["image_i2t_r1"]["met"] is True
     assert "region_macc_gap_equal_time" not in goals and "steps_to_80" not in goals
     assert goals_report(rows, None, {})["rec_head_acc50"] == {"value": 59.0, "goal": None, "met": None}
+
+
+@pytest.mark.slow
+def test_reuse_loads_finished_runs_and_retrains_changed_ones(tmp_path, monkeypatch):
+    """--reuse: a second call with the same settings trains nothing and reports the same numbers; a run
+    whose settings changed is trained again."""
+    import cloc_demo.demo as demo
+
+    overrides = {"equal_time_run": False}
+    first = demo.run_demo("smoke", tmp_path, seed=2, overrides=overrides, reuse=True)
+    marker = json.loads((tmp_path / "cloc" / demo.RUN_MARKER).read_text())
+    assert marker["steps"] == 4 and marker["identity"]["training"]["seed"] == 2
+
+    trained = []
+    real_trainer = demo.Trainer
+
+    def counting_trainer(config, **kwargs):
+        trained.append(Path(config.output_dir).name)
+        return real_trainer(config, **kwargs)
+
+    monkeypatch.setattr(demo, "Trainer", counting_trainer)
+    second = demo.run_demo("smoke", tmp_path, seed=2, overrides=overrides, reuse=True)
+    assert trained == []
+    assert second["rows"] == first["rows"]
+    assert second["runs"]["cloc"]["seconds"] == first["runs"]["cloc"]["seconds"]
+    # a changed training setting (here the learning rate) makes both runs train again
+    demo.run_demo("smoke", tmp_path, seed=2, reuse=True, overrides={**overrides, "training": {"lr": 1e-4}})
+    assert trained == ["cloc", "clip"]
+    # without --reuse everything is trained again
+    trained.clear()
+    demo.run_demo("smoke", tmp_path, seed=2, overrides=overrides)
+    assert trained == ["cloc", "clip"]
