@@ -10,8 +10,9 @@ Steps, from the CLOC and CLIP-baseline checkpoints and the synthetic scenes `mak
    object [box] <region> a X or a Y?") whose distractor is another object of the same scene when
    there is one (a class that is not in the image could be ruled out from the image alone); boxes in
    the ``ferret`` convention (integers 0..999 of the original image: on 32 px scenes only 33 values,
-   which the trained tokenizer keeps as single tokens); the questions of one training scene form one
-   multi-turn record (:func:`merge_turns`), so its image tokens are paid once;
+   which the trained tokenizer keeps as single tokens); the REC questions of one training scene form
+   one multi-turn record (:func:`merge_turns`), so its image tokens are paid once, and one of its
+   classification questions is a record of its own (:func:`build_records` says why not all in one);
 2. a byte-level BPE tokenizer trained on that text with ``tokenizers`` and a Llama language model
    initialised from scratch (``MLLMDemoSettings.lm``);
 3. for each tower and seed, ``cloc-finetune-mllm``'s two stages with the same budget: ``align``
@@ -152,7 +153,13 @@ def scene_samples(sample: RegionSample, task: str) -> RegionSample:
 def build_records(data: Path, split: str, out: Path, limit: int, seed: int, tasks=("rec", "ref_cls"),
                   multi_turn: bool = False) -> Path:
     """Instruction records of the first ``limit`` scenes of ``split`` -> ``out/data.json`` + ``out/images``;
-    with ``multi_turn`` one record per scene (:func:`merge_turns`), else one per question."""
+    one per question, or with ``multi_turn`` (training) per scene: its REC questions as one multi-turn
+    record (:func:`merge_turns`) and one of its referring-classification questions on its own.
+
+    Why not every question of a scene in one record: a classification question carries its box as
+    text, which is the REC answer of the same object (a REC turn after it is answered by copying, not
+    from the image), and a second classification question of two-object scenes is answered by
+    elimination. REC turns about different objects give nothing away to each other."""
     shards = list_shards(data / split)
     if not shards:
         raise FileNotFoundError(f"no shards under {data / split} (run `make demo` first)")
@@ -166,8 +173,16 @@ def build_records(data: Path, split: str, out: Path, limit: int, seed: int, task
         if n >= limit:
             break
         (out / "images" / image_name(sample)).write_bytes(sample.image)
-        made = [r for task, builder in builders.items() for r in builder.records(scene_samples(sample, task))]
-        records += [merge_turns(made, rng)] if multi_turn and made else made
+        for task, builder in builders.items():
+            made = builder.records(scene_samples(sample, task))
+            if not made:
+                continue
+            if not multi_turn:
+                records += made
+            elif task == "rec":
+                records.append(merge_turns(made, rng))
+            else:
+                records.append(rng.choice(made))
     write_json_atomic(out / "data.json", records)
     return out / "data.json"
 
@@ -175,7 +190,7 @@ def build_records(data: Path, split: str, out: Path, limit: int, seed: int, task
 def merge_turns(records: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
     """One scene's one-question records as one multi-turn record (LLaVA's conversation layout), the
     questions in random order: the image tokens, most of every sequence, are then paid once per scene
-    instead of once per question. ``<image>`` stays in the first human turn; ``regions`` follow the
+    instead of once per question (the questions must not answer each other: see :func:`build_records`). ``<image>`` stays in the first human turn; ``regions`` follow the
     ``<region>`` tokens in turn order."""
     order = rng.sample(records, len(records))
     conversations, regions = [], []
@@ -324,6 +339,61 @@ def evaluate_model(model_dir: Path, data: Path, split: str, records: Path, out: 
     return json.loads((out / "results.json").read_text())
 
 
+@dataclass
+class FinetuneJob:
+    """One fine-tuning run (tower x seed) and its evaluation; ``key`` is its :func:`training_key`."""
+
+    tower: str
+    seed: int
+    demo_dir: Path
+    lm_dir: Path
+    train_data: Path
+    eval_data: Path
+    run_dir: Path
+    split: str
+    key: dict[str, Any]
+    reuse: bool
+
+
+def run_job(job: FinetuneJob, s: MLLMDemoSettings) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """Fine-tune (or, with ``job.reuse``, keep a finished run of the same key) and evaluate one job.
+    Returns ``(row with seed and times, cloc-eval-mllm results, whether the training was reused)``."""
+    seconds, cpu = finished_run(job.run_dir, job.key) if job.reuse else (None, None)
+    reused = seconds is not None
+    if not reused:
+        shutil.rmtree(job.run_dir, ignore_errors=True)
+        seconds, cpu = finetune(job.demo_dir / job.tower, job.tower, job.lm_dir, job.train_data, job.run_dir, s, job.seed)
+        write_json_atomic(job.run_dir / "run_info.json", {"key": job.key, "train_seconds": seconds, "train_cpu_seconds": cpu})
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = evaluate_model(job.run_dir / "instruct", job.demo_dir / "data", job.split, job.eval_data,
+                         job.run_dir / "eval", s, job.tower)
+    row = {**res["rows"][0], "seed": job.seed, "train_seconds": seconds, "train_cpu_seconds": cpu,
+           "eval_seconds": time.perf_counter() - t0, "eval_cpu_seconds": time.process_time() - c0}
+    return row, res, reused
+
+
+def _run_job_in_worker(job: FinetuneJob, s: MLLMDemoSettings):
+    """:func:`run_job` in a worker process: one torch thread (the workers share the cores), logs on."""
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {job.tower}-seed{job.seed} %(name)s %(message)s")
+    return run_job(job, s)
+
+
+def run_jobs(jobs: list[FinetuneJob], s: MLLMDemoSettings, workers: int) -> list[tuple[dict, dict, bool]]:
+    """Every job's :func:`run_job` result, in order; ``workers`` > 1 runs that many at once in spawned
+    processes (the runs are independent: same inputs, own folders), else one after another here."""
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if workers == 1 or len(jobs) == 1:
+        return [run_job(job, s) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_job_in_worker, job, s) for job in jobs]
+        return [f.result() for f in futures]
+
+
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------
@@ -340,8 +410,12 @@ def ensure_demo(demo_dir: Path) -> None:
 
 
 def run_demo(preset: str = "demo", out: str | Path = "runs/demo-mllm", demo_dir: str | Path = "runs/demo",
-             split: str = "test", overrides: dict[str, Any] | None = None, reuse: bool = False) -> dict[str, Any]:
+             split: str = "test", overrides: dict[str, Any] | None = None, reuse: bool = False,
+             workers: int = 1) -> dict[str, Any]:
     """Run the preset and write the report, pictures and final models; returns the report.
+
+    ``workers``: fine-tuning runs (tower x seed) trained at once, each in its own process on one thread
+    (``make demo-mllm`` uses 2, one per core); 1 trains them one after another in this process.
 
     ``reuse``: keep the fine-tuned models already in ``out/work`` whose training settings, tower, seed,
     checkpoints and tokenizer are the ones asked for (e.g. a run evaluated on val, now on test); their
@@ -357,28 +431,20 @@ def run_demo(preset: str = "demo", out: str | Path = "runs/demo-mllm", demo_dir:
     eval_data = build_records(data, split, work / "data" / split, s.n_eval, seed=1000, tasks=("ref_cls",))
     train_records = json.loads(train_data.read_text())
     tokenizer = train_tokenizer(train_records, s.vocab_size)
-    per_seed: dict[str, list[dict[str, Any]]] = {t: [] for t in TOWERS}
-    reused: list[tuple[str, float, float]] = []  # (run, wall s, CPU s) of fine-tuning runs trained earlier
-    results = {}
+    jobs = []
     for seed in s.seeds:
         lm_dir = write_language_model(tokenizer, s.lm, work / f"lm-seed{seed}", seed)  # one start for both towers
-        for tower in TOWERS:
-            run_dir = work / f"{tower}-seed{seed}"
-            key = training_key(s, tower, seed, demo_dir, tokenizer)
-            seconds, cpu = finished_run(run_dir, key) if reuse else (None, None)
-            if seconds is not None:
-                reused.append((run_dir.name, seconds, cpu))
-            else:
-                shutil.rmtree(run_dir, ignore_errors=True)
-                seconds, cpu = finetune(demo_dir / tower, tower, lm_dir, train_data, run_dir, s, seed)
-                write_json_atomic(run_dir / "run_info.json", {"key": key, "train_seconds": seconds, "train_cpu_seconds": cpu})
-            t0, c0 = time.perf_counter(), time.process_time()
-            res = evaluate_model(run_dir / "instruct", data, split, eval_data, run_dir / "eval", s, tower)
-            row = res["rows"][0]
-            per_seed[tower].append({**row, "seed": seed, "train_seconds": seconds, "train_cpu_seconds": cpu,
-                                    "eval_seconds": time.perf_counter() - t0, "eval_cpu_seconds": time.process_time() - c0})
-            results[f"{tower}-seed{seed}"] = res
-            logger.info("%s seed %d: %s", tower, seed, {k: row[k] for k in METRICS})
+        jobs += [FinetuneJob(tower, seed, demo_dir, lm_dir, train_data, eval_data, work / f"{tower}-seed{seed}", split,
+                             training_key(s, tower, seed, demo_dir, tokenizer), reuse) for tower in TOWERS]
+    done = run_jobs(jobs, s, workers)
+    per_seed: dict[str, list[dict[str, Any]]] = {t: [] for t in TOWERS}
+    results = {}
+    for job, (row, res, _) in zip(jobs, done):
+        per_seed[job.tower].append(row)
+        results[f"{job.tower}-seed{job.seed}"] = res
+        logger.info("%s seed %d: %s", job.tower, job.seed, {k: row[k] for k in METRICS})
+    reused = [(f"{j.tower}-seed{j.seed}", row["train_seconds"], row["train_cpu_seconds"])
+              for j, (row, _, was_reused) in zip(jobs, done) if was_reused]
     rows = {t: summarise(t, per_seed[t]) for t in TOWERS}
     first = s.seeds[0]
     for tower in TOWERS:  # the final models: the first seed's
@@ -404,7 +470,12 @@ def run_demo(preset: str = "demo", out: str | Path = "runs/demo-mllm", demo_dir:
     # reused runs trained in an earlier invocation: their recorded training time counts as this run's
     report["reused_runs"] = [name for name, _, _ in reused]
     report["total_seconds"] = time.perf_counter() - started + sum(w for _, w, _ in reused)
-    report["total_cpu_seconds"] = time.process_time() - cpu_started + sum(c for _, _, c in reused)
+    # runs in worker processes: their CPU seconds are not this process's
+    workers_cpu = sum(r["eval_cpu_seconds"] + (0.0 if was_reused else r["train_cpu_seconds"]) for r, _, was_reused in done)
+    in_workers = workers > 1 and len(jobs) > 1
+    report["total_cpu_seconds"] = (time.process_time() - cpu_started + sum(c for _, _, c in reused)
+                                   + (workers_cpu if in_workers else 0.0))
+    report["workers"] = min(workers, len(jobs))
     write_json_atomic(out / "report.json", jsonable(report))
     write_report(out, report)
     from model_cards import write_mllm_card
@@ -423,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=("val", "test"), help="val: for choosing settings")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override a setting, e.g. --set instruct_steps=800 --set 'seeds=[0]'")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="fine-tuning runs at once, one process and thread each (default 1; `make demo-mllm`: 2)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep fine-tuned models in OUT/work trained with the same settings (evaluate them again)")
     args = parser.parse_args(argv)
@@ -436,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             parser.error(f"--set {item!r}: the value must be JSON (e.g. 800, 1e-3, [0, 1])")
-    report = run_demo(args.preset, args.out, args.demo_dir, args.split, overrides, reuse=args.reuse)
+    report = run_demo(args.preset, args.out, args.demo_dir, args.split, overrides, reuse=args.reuse,
+                      workers=args.workers)
     print((Path(args.out) / "report.md").read_text())
     print(f"total {report['total_seconds']:.0f} s; report in {args.out}/report.md")
     return 0

@@ -293,9 +293,11 @@ def _header(preset_name: str, preset: Any, base: Any, report: Mapping[str, Any],
         "**What CLOC trains on.** CLOC's region labels are the scene generator's own: exact boxes and, for each "
         "box, the generator's phrase (`region_phrase=mention`: the caption's own wording where the caption names "
         "the object, e.g. \"a circle\", else the full \"a red circle\"). They are not pseudo-labels from a "
-        "detector or VESL, so the main rows are an upper bound on what noisy real labels give. The "
-        f"`cloc-noisy_labels` row trains on the same scenes with simulated VESL-like noise ({noisy}) and is "
-        "evaluated on the same clean test split.",
+        "detector or VESL, so the main rows are an upper bound on what noisy real labels give. "
+        + (f"The `cloc-noisy_labels` row trains on the same scenes with simulated VESL-like noise ({noisy}) and is "
+           "evaluated on the same clean test split." if "noisy_labels" in preset.ablations else
+           f"The `headline` preset (`make demo-seeds`) adds a `cloc-noisy_labels` row that trains on the same "
+           f"scenes with simulated VESL-like noise ({noisy})."),
         "",
         f"**Val and test.** Learning curves and steps-to-accuracy are measured on the val split "
         f"({preset.curve_images} images) during training; the tables are the test split "

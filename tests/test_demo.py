@@ -34,6 +34,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert (tmp_path / picture).stat().st_size > 1000
     text = (tmp_path / "report.md").read_text()
     assert "Equal steps" in text and "What CLOC trains on" in text and "the val split" in text
+    assert "(`make demo-seeds`) adds a `cloc-noisy_labels` row" in text  # no such row here: says where it is
     assert "| (chance) |" in text and "R@10" not in text  # chance beside its metric; saturated recall in JSON only
     assert "Steps to region mAcc" in text and "±" not in text  # one seed: plain numbers
     assert report["seeds"] == [1] and not (tmp_path / "seed1").exists()  # one seed: the layout as before
@@ -66,7 +67,8 @@ def test_ablation_rows_run_and_change_what_they_say(tmp_path):
     assert prompter["prompt_position"] == "token"
     noisy = json.loads((tmp_path / "data-noisy_labels" / "demo_data.json").read_text())["config"]
     assert noisy["missed_region_prob"] > 0 and noisy["region_phrase"] == "mention"
-    assert "Ablations" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "Ablations" in text and "The `cloc-noisy_labels` row trains on the same scenes" in text
 
 
 # Every run's effective settings as they were when the presets were a dataclass mirroring PretrainConfig

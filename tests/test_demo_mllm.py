@@ -53,6 +53,32 @@ def test_records_rec_from_expressions_and_hard_distractors(scenes, tmp_path):
     assert multi > 0
 
 
+def test_training_records_do_not_answer_each_other(scenes, tmp_path):
+    """Multi-turn training records: a scene's REC questions together, each classification question on its
+    own, so no answer can be copied from the box text of another turn or found by elimination."""
+    from cloc_demo.demo_mllm import build_records
+    from eval.mllm_rec import ref_cls_options
+
+    records = json.loads(build_records(scenes, "train", tmp_path, limit=24, seed=0, multi_turn=True).read_text())
+    single = json.loads(build_records(scenes, "train", tmp_path / "single", limit=24, seed=0).read_text())
+    merged = [r for r in records if r["task"] == "multi"]
+    cls = [r for r in records if r["task"] == "ref_cls"]
+    assert merged and cls and {r["task"] for r in records} == {"multi", "ref_cls"}
+    assert any(len(r["conversations"]) > 2 for r in merged)
+    for r in merged:  # REC turns only: questions carry no box text and no <region>
+        questions = [t["value"] for t in r["conversations"][0::2]]
+        assert r["regions"] == [] and not any("[" in q or "<region>" in q for q in questions)
+        answers = [t["value"] for t in r["conversations"][1::2]]
+        assert len(set(answers)) == len(answers)  # different objects
+    for r in cls:
+        assert len(r["conversations"]) == 2 and ref_cls_options(r["conversations"][0]["value"])
+    # every REC question of the one-question records is in the merged ones; one classification per scene
+    rec_questions = sorted(r["conversations"][0]["value"].replace("<image>\n", "") for r in single if r["task"] == "rec")
+    merged_questions = sorted(t["value"].replace("<image>\n", "") for r in merged for t in r["conversations"][0::2])
+    assert merged_questions == rec_questions
+    assert len({r["image"] for r in cls}) == len(cls)
+
+
 def test_tokenizer_keeps_coordinates_whole_and_adds_bos(scenes, tmp_path):
     from cloc_demo.demo_mllm import build_records, train_tokenizer
 
@@ -89,7 +115,9 @@ def test_demo_mllm_end_to_end(tmp_path):
     from llava_bridge import CLOCLlavaForConditionalGeneration
 
     run_pretraining_demo("smoke", tmp_path / "demo", seed=0)
-    report = run_demo("smoke", tmp_path / "mllm", tmp_path / "demo")
+    report = run_demo("smoke", tmp_path / "mllm", tmp_path / "demo", workers=2)  # two worker processes
+    assert report["workers"] == 2 and report["total_cpu_seconds"] > sum(report["per_seed"]["cloc"][0][k] for k in (
+        "train_cpu_seconds", "eval_cpu_seconds"))  # the workers' CPU time is counted
     saved = json.loads((tmp_path / "mllm" / "report.json").read_text())
     assert [r["name"] for r in saved["rows"]] == ["cloc", "clip"]
     for row in saved["rows"]:
