@@ -1,5 +1,6 @@
 """``cloc-finetune-mllm`` (training.mllm.finetune / dataset): answer-only labels, the two stages, LoRA
-adapters + merged weights, resume after a kill, and 2 processes with DeepSpeed ZeRO-2.
+adapters + merged weights, resume after a kill, and 2 processes with DeepSpeed ZeRO-2 and ZeRO-3
+(also when one rank's batch has region prompts and the other's has none).
 
 Tiny everything: a cloc-tiny tower (ViT hidden 32, 2 layers, 32 px) with 8 px patches (16 image
 tokens), a 2-layer Llama with hidden 32, a word-level tokenizer built offline from the records, and
@@ -244,3 +245,62 @@ def test_torchrun_two_processes_with_deepspeed_zero2(setup, stage1, tmp_path):
     start = load_file(str(stage1 / "model.safetensors"))
     key = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged.state_dict()[key], start[key])
+
+
+def test_region_encoder_runs_on_batches_without_regions(setup, stage1):
+    """DeepSpeed needs the same collective calls on every rank: the region encoder must run (to no
+    effect) on a batch without <region>, else a rank without regions skips what a rank with them does."""
+    from llava_bridge.modeling_llava import CLOCLlavaRegionEncoder
+
+    args = finetune.parse_args(_args(setup, "unused", start=["--init", str(stage1)]))
+    model, processor, _ = finetune.build_start(args)
+    model = finetune.set_trainable(model, args)
+    data = InstructionDataset(setup["records"], setup["root"], processor)
+    batch = InstructionCollator(processor.tokenizer.pad_token_id)(
+        [data[i] for i, r in enumerate(data.records) if not r["regions"]][:2])
+    assert batch["region_boxes"] is None
+    calls = []
+    encoder = next(m for m in model.modules() if isinstance(m, CLOCLlavaRegionEncoder))
+    encoder.register_forward_hook(lambda *_: calls.append(1))
+    plain = model(**batch).loss
+    assert not calls
+    finetune.run_region_encoder_every_step(model)
+    always = model(**batch).loss
+    assert calls, "the region encoder did not run"
+    torch.testing.assert_close(always, plain, rtol=0, atol=0)
+    always.backward()
+    grads = [p.grad for p in encoder.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-lm"])
+def test_torchrun_two_processes_with_deepspeed_zero3(setup, stage1, tmp_path, lora):
+    """ZeRO-3 partitions the parameters over 2 CPU processes; each step one rank's record has a region
+    and the other's has none (one record each), which stopped the run before the region encoder ran
+    on every batch. The merged model is gathered to a normal checkpoint with stage 1's tensors."""
+    pytest.importorskip("deepspeed")
+    with_region = next(r for r in setup["records"] if r["regions"])
+    without = next(r for r in setup["records"] if not r["regions"])
+    data = setup["root"] / "mixed_regions.json"
+    data.write_text(json.dumps([with_region, without]))
+    out = tmp_path / "ds3"
+    args = _args({**setup, "data": data}, out, "--deepspeed", str(ROOT / "training/mllm/configs/ds_zero3.json"),
+                 *([] if lora else ["--no-lora"]), start=["--init", str(stage1)], steps=2)
+    args[args.index("--batch-size") + 1] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           "-m", "training.mllm.finetune", *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() == lora
+    assert (out / "checkpoint-2").is_dir()
+    merged = CLOCLlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    start = load_file(str(stage1 / "model.safetensors"))
+    assert merged.keys() == start.keys()
+    assert all(merged[k].shape == start[k].shape for k in start)
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[key], start[key])
+    tower = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(merged[tower], start[tower])  # frozen without --unfreeze-tower
