@@ -228,6 +228,18 @@ def test_bad_arguments_are_refused(setup):
         finetune.parse_args(["--stage", "align", "--data", "d", "--out", "o", "--init", "i", "--unfreeze-tower"])
 
 
+def _one_region_record_per_rank(setup, stage1, out, *extra) -> list[str]:
+    """Arguments for 2 steps of 2 processes on two records, one with a region and one without, one per
+    rank: at every step one rank runs the region encoder on its own (unless it runs everywhere)."""
+    with_region = next(r for r in setup["records"] if r["regions"])
+    without = next(r for r in setup["records"] if not r["regions"])
+    data = setup["root"] / "mixed_regions.json"
+    data.write_text(json.dumps([with_region, without]))
+    args = _args({**setup, "data": data}, out, *extra, start=["--init", str(stage1)], steps=2)
+    args[args.index("--batch-size") + 1] = "1"
+    return args
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_two_processes_with_deepspeed_zero2(setup, stage1, tmp_path):
@@ -235,8 +247,8 @@ def test_torchrun_two_processes_with_deepspeed_zero2(setup, stage1, tmp_path):
     out = tmp_path / "ds"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "training.mllm.finetune",
-           *_args(setup, out, "--deepspeed", str(ROOT / "training/mllm/configs/ds_zero2.json"),
-                  start=["--init", str(stage1)], steps=2)]
+           *_one_region_record_per_rank(setup, stage1, out,
+                                        "--deepspeed", str(ROOT / "training/mllm/configs/ds_zero2.json"))]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -278,17 +290,11 @@ def test_region_encoder_runs_on_batches_without_regions(setup, stage1):
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-lm"])
 def test_torchrun_two_processes_with_deepspeed_zero3(setup, stage1, tmp_path, lora):
     """ZeRO-3 partitions the parameters over 2 CPU processes; each step one rank's record has a region
-    and the other's has none (one record each), which stopped the run before the region encoder ran
-    on every batch. The merged model is gathered to a normal checkpoint with stage 1's tensors."""
+    and the other's has none, which stopped the run before the region encoder ran on every batch. The merged model is gathered to a normal checkpoint with stage 1's tensors."""
     pytest.importorskip("deepspeed")
-    with_region = next(r for r in setup["records"] if r["regions"])
-    without = next(r for r in setup["records"] if not r["regions"])
-    data = setup["root"] / "mixed_regions.json"
-    data.write_text(json.dumps([with_region, without]))
     out = tmp_path / "ds3"
-    args = _args({**setup, "data": data}, out, "--deepspeed", str(ROOT / "training/mllm/configs/ds_zero3.json"),
-                 *([] if lora else ["--no-lora"]), start=["--init", str(stage1)], steps=2)
-    args[args.index("--batch-size") + 1] = "1"
+    args = _one_region_record_per_rank(setup, stage1, out, *([] if lora else ["--no-lora"]),
+                                       "--deepspeed", str(ROOT / "training/mllm/configs/ds_zero3.json"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
            "-m", "training.mllm.finetune", *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
