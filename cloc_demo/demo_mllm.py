@@ -68,11 +68,12 @@ class MLLMDemoSettings:
     """What one ``make demo-mllm`` run does.
 
     n_train, n_eval: scenes whose records train / are evaluated (train split; val or test split).
-        A training scene is one multi-turn record (about two REC and two classification questions);
-        an evaluation scene gives one record per question.
+        A training scene gives a multi-turn record of its REC questions (about two) and a record of
+        one classification question; an evaluation scene gives one record per question.
     vocab_size: size of the BPE tokenizer trained on the records' text.
     lm: ``LlamaConfig`` fields of the language model trained from scratch.
-    align_steps, instruct_steps: optimiser steps of the two stages (same for both towers).
+    align_steps, instruct_steps: optimiser steps of the two stages (same for both towers); 600 instruct
+        steps, chosen on val, fill the 20-minute budget with two workers.
     align_lr, instruct_lr: their peak learning rates (cosine schedule, AdamW).
     batch_size: records per step.
     vision_feature_layer: tower layer the image tokens come from (LLaVA's -2).
@@ -87,7 +88,7 @@ class MLLMDemoSettings:
         "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4, "max_position_embeddings": 256})
     align_steps: int = 20
-    instruct_steps: int = 200
+    instruct_steps: int = 600
     align_lr: float = 1e-3
     instruct_lr: float = 2e-3
     batch_size: int = 32
