@@ -262,22 +262,38 @@ RUN_MARKER = "demo_run.json"  # written once a run has finished: its settings an
 
 
 def _run_identity(config: PretrainConfig, data: Path, preset: DemoSettings) -> dict[str, Any]:
-    """What makes two runs the same: every training setting but the paths, the data's generator settings
-    and sizes (its ``demo_data.json``), and the learning-curve image count."""
+    """What makes two runs the same (besides the model config, which :func:`load_finished_run` compares
+    with the run's saved one): every training setting but the paths, the data's generator settings and
+    sizes (its ``demo_data.json``), and the learning-curve image count."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "train_data")}
     data_marker = data / "demo_data.json"
     return jsonable({"training": settings, "curve_images": preset.curve_images,
                      "data": json.loads(data_marker.read_text()) if data_marker.exists() else str(data)})
 
 
-def load_finished_run(name: str, run_dir: Path, identity: dict[str, Any]) -> RunResult | None:
-    """The finished run in ``run_dir`` when its marker records the same ``identity``, else ``None``."""
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "auto_map", "architectures", "dtype", "torch_dtype")
+
+
+def _model_config_dict(config) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def load_finished_run(name: str, run_dir: Path, identity: dict[str, Any],
+                      model_config=None) -> RunResult | None:
+    """The finished run in ``run_dir`` when its marker records the same ``identity`` and its saved model
+    config equals ``model_config`` (the one this run would build: a changed library default trains
+    again), else ``None``."""
     marker = run_dir / RUN_MARKER
     if not marker.exists():
         return None
     done = json.loads(marker.read_text())
     if done.get("identity") != identity:
         logger.info("%s: %s holds a run with other settings: training again", name, run_dir)
+        return None
+    if model_config is not None and _model_config_dict(type(model_config).from_pretrained(run_dir)) != \
+            _model_config_dict(model_config):
+        logger.info("%s: %s holds a model with another config (library defaults changed?): training again",
+                    name, run_dir)
         return None
     from cloc_hf import CLOCModel, CLOCProcessor
 
@@ -295,7 +311,7 @@ def train_run(name: str, out: Path, data: Path, preset: DemoSettings, objective:
     config = run_config(name, out, data, preset, objective, steps, seed, training)
     run_dir = Path(config.output_dir)
     identity = _run_identity(config, data, preset)
-    if reuse and (finished := load_finished_run(name, run_dir, identity)) is not None:
+    if reuse and (finished := load_finished_run(name, run_dir, identity, config.model_config())) is not None:
         return finished
     shutil.rmtree(run_dir, ignore_errors=True)
     trainer = Trainer(config, eval_hook=curve_hook(data, methods, preset.curve_images))

@@ -307,6 +307,13 @@ def test_reuse_loads_finished_runs_and_retrains_changed_ones(tmp_path, monkeypat
     assert trained == []
     assert second["rows"] == first["rows"]
     assert second["runs"]["cloc"]["seconds"] == first["runs"]["cloc"]["seconds"]
+    # a run whose saved model config differs from what the settings build now (a changed library default)
+    saved = json.loads((tmp_path / "clip" / "config.json").read_text())
+    saved["prompter_config"]["box_attention_bias"] = 1.23
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(saved))
+    demo.run_demo("smoke", tmp_path, seed=2, overrides=overrides, reuse=True)
+    assert trained == ["clip"]
+    trained.clear()
     # a changed training setting (here the learning rate) makes both runs train again
     demo.run_demo("smoke", tmp_path, seed=2, reuse=True, overrides={**overrides, "training": {"lr": 1e-4}})
     assert trained == ["cloc", "clip"]
