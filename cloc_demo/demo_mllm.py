@@ -376,7 +376,8 @@ def run_job(job: FinetuneJob, s: MLLMDemoSettings) -> tuple[dict[str, Any], dict
 def _run_job_in_worker(job: FinetuneJob, s: MLLMDemoSettings):
     """:func:`run_job` in a worker process: one torch thread (the workers share the cores), logs on."""
     torch.set_num_threads(1)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {job.tower}-seed{job.seed} %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {job.tower}-seed{job.seed} %(name)s %(message)s",
+                        force=True)  # a worker runs several jobs: each its own prefix
     return run_job(job, s)
 
 
