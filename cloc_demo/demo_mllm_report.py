@@ -86,8 +86,9 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         f"BPE tokenizer trained on the instruction text. CLOC's region tokens come from its Prompter, CLIP's from RoI-Align "
         f"over its patch tokens (layer {s['vision_feature_layer']}, as the image tokens). Same data, steps and seeds for both: "
         f"`align` {s['align_steps']} steps (lr {s['align_lr']}), then `instruct` {s['instruct_steps']} steps (lr {s['instruct_lr']}, "
-        f"whole language model), batch {s['batch_size']}, {report['num_train_records']} multi-turn training records (one per "
-        f"scene, holding its REC and referring-classification questions); seeds {seeds} (mean ± std).", "",
+        f"whole language model), batch {s['batch_size']}, {report['num_train_records']} training records (per scene a "
+        "multi-turn record of its REC questions and a record of one of its referring-classification questions, so that "
+        f"no answer can be read off another turn); seeds {seeds} (mean ± std).", "",
         f"Evaluation on the first {s['n_eval']} {report['split']} images ({report['num_rec']} REC expressions, "
         f"{report['num_ref_cls']} referring-classification questions whose distractor is another object of the scene when "
         "there is one), by greedy generation: REC Acc@0.5 with answers read in the `ferret` convention (an answer without a "
@@ -97,10 +98,11 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         "Different REC answers per model (out of the REC questions; a handful means the model writes the same few "
         "boxes whatever the image): " + ", ".join(f"{k} {v}" for k, v in report["rec_distinct_answers"].items()) + ".", "",
         "## Goals (CLOC − CLIP ≥ 5 points on every seed)", "", "```json", json.dumps(report["goals"], indent=1), "```", "",
-        f"Time beyond `make demo`, one thread (`torch.set_num_threads(1)`, OMP_NUM_THREADS=1): "
+        f"Time beyond `make demo`, {report.get('workers', 1)} fine-tuning run(s) at once, one thread each "
+        "(`torch.set_num_threads(1)`, OMP_NUM_THREADS=1): "
         f"{report['total_cpu_seconds']:.0f} CPU seconds (training {report['train_cpu_seconds']:.0f}, evaluation "
-        f"{report['eval_cpu_seconds']:.0f}), {report['total_seconds']:.0f} s of wall-clock time (more than the CPU time "
-        "when other processes share the cores)"
+        f"{report['eval_cpu_seconds']:.0f}), {report['total_seconds']:.0f} s of wall-clock time (the "
+        "workers' CPU seconds add up; the wall-clock also counts waiting for cores that other processes use)"
         + (f"; the fine-tuning runs {', '.join(report['reused_runs'])} were trained by an earlier invocation with the same "
            "settings (`--reuse`) and their recorded times are included." if report["reused_runs"] else "."), "",
         "![REC answers](rec_examples.png)", "",

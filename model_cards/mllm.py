@@ -63,8 +63,9 @@ def write_mllm_card(report: Mapping[str, Any], model_dir: str | os.PathLike, mod
         convention=report.get("convention", "ferret"), vocab_size=report.get("vocab_size", "?"),
         training=(f"`cloc-finetune-mllm` stage `align` ({s['align_steps']} steps, lr {s['align_lr']}: projectors only), "
                   f"then stage `instruct` ({s['instruct_steps']} steps, lr {s['instruct_lr']}: projectors and the whole "
-                  f"language model), batch {s['batch_size']}, on {report.get('num_train_records', '?')} multi-turn records "
-                  f"(one per synthetic training scene, holding its REC and referring-classification questions). This "
+                  f"language model), batch {s['batch_size']}, on {report.get('num_train_records', '?')} records (per "
+                  f"synthetic training scene a multi-turn record of its REC questions and one referring-classification "
+                  f"question on its own). This "
                   f"checkpoint is seed {s['seeds'][0]}'s."),
         rec_answers=", ".join(f"{k}: {v}" for k, v in (report.get("rec_distinct_answers") or {}).items()),
         evaluation=(f"`cloc-eval-mllm` on the first {s['n_eval']} images of the synthetic `{split}` split, by greedy "
