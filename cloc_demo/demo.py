@@ -1,6 +1,6 @@
 """The paper in miniature: CLOC beats CLIP on region tasks at equal budget, on a CPU.
 
-    python -m cloc_demo.demo                     # `make demo`: ~15 min on 2 CPU cores, one seed
+    python -m cloc_demo.demo                     # `make demo`: ~18 min on 2 CPU cores, one seed
     python -m cloc_demo.demo --preset headline --seeds 3 --reuse  # `make demo-seeds`: the documented headline
     python -m cloc_demo.demo --preset long       # `make demo-long`: CLIP trained until it learns shape
     python -m cloc_demo.demo --preset ablations --seeds 3  # `make ablations`: Table 2 in miniature
@@ -118,7 +118,7 @@ class DemoSettings:
 
 # Named overrides of DemoSettings (``training`` entries override TRAINING key by key).
 PRESETS: dict[str, dict[str, Any]] = {
-    # `make demo`: CLOC and CLIP at equal steps, one seed, ~15 min (the equal-time row is demo-long's)
+    # `make demo`: CLOC and CLIP at equal steps, one seed, ~18 min on 2 cores (the equal-time row is demo-long's)
     "demo": {"goals": {"region_macc_margin": 30.0, "rec_head_acc50": 60.0, "cloc_region_macc": 74.0},
              "equal_time_run": False},
     # `make demo-seeds`, the documented headline: the demo plus the noisy-label row (what CLOC gives without
