@@ -30,7 +30,8 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m cloc_demo.demo --preset demo --out runs/demo
 
-# The same comparison after the CLIP baseline has learned shape (~25 min on a 2-core CPU)
+# The same comparison after the CLIP baseline has learned shape, plus CLIP at CLOC's wall-clock (~1 h on a
+# 2-core CPU: three runs of 1,500 steps)
 demo-long: $(STAMP)
 	$(PY) -m cloc_demo.demo --preset long --out runs/demo-long
 
