@@ -3,7 +3,7 @@
     python -m cloc_demo.demo                     # `make demo`: ~18 min on 2 CPU cores, one seed
     python -m cloc_demo.demo --preset headline --seeds 3 --reuse  # `make demo-seeds`: the documented headline
     python -m cloc_demo.demo --preset long       # `make demo-long`: CLIP trained until it learns shape
-    python -m cloc_demo.demo --preset ablations --seeds 3  # `make ablations`: Table 2 in miniature
+    python -m cloc_demo.demo --preset ablations --seeds 3 --reuse  # `make ablations`: Table 2 in miniature
 
 Steps: generate the synthetic scenes (``cloc_data.synthetic``), pretrain CLOC and the CLIP baseline with
 the same code, data and number of steps (``long``: and a second CLIP run with CLOC's wall-clock time), train
@@ -116,15 +116,16 @@ class DemoSettings:
         return PretrainConfig.from_dict(self.training)
 
 
+# `make demo`: CLOC and CLIP at equal steps, one seed, ~18 min on 2 cores (the equal-time row is demo-long's)
+_DEMO = {"goals": {"region_macc_margin": 30.0, "rec_head_acc50": 60.0, "cloc_region_macc": 74.0},
+         "equal_time_run": False}
+
 # Named overrides of DemoSettings (``training`` entries override TRAINING key by key).
 PRESETS: dict[str, dict[str, Any]] = {
-    # `make demo`: CLOC and CLIP at equal steps, one seed, ~18 min on 2 cores (the equal-time row is demo-long's)
-    "demo": {"goals": {"region_macc_margin": 30.0, "rec_head_acc50": 60.0, "cloc_region_macc": 74.0},
-             "equal_time_run": False},
+    "demo": _DEMO,
     # `make demo-seeds`, the documented headline: the demo plus the noisy-label row (what CLOC gives without
     # the generator's exact labels), run with 3 seeds
-    "headline": {"goals": {"region_macc_margin": 30.0, "rec_head_acc50": 60.0, "cloc_region_macc": 74.0},
-                 "equal_time_run": False, "ablations": ("noisy_labels",)},
+    "headline": {**_DEMO, "ablations": ("noisy_labels",)},
     # The budget at which the CLIP baseline has learned shape (its best baseline passes 60% shape
     # accuracy; `docs/demo_long_report.md`). Much longer is no test of the claim on these scenes: a
     # background-masked isolated object on a plain background is in-distribution for an image-level
@@ -278,6 +279,11 @@ def _model_config_dict(config) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
 
 
+def read_curve(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's learning curve: the val evaluations its trainer logged (``eval_log.jsonl``)."""
+    return [json.loads(line) for line in (run_dir / "eval_log.jsonl").read_text().splitlines()]
+
+
 def load_finished_run(name: str, run_dir: Path, identity: dict[str, Any],
                       model_config=None) -> RunResult | None:
     """The finished run in ``run_dir`` when its marker records the same ``identity`` and its saved model
@@ -297,7 +303,7 @@ def load_finished_run(name: str, run_dir: Path, identity: dict[str, Any],
         return None
     from cloc_hf import CLOCModel, CLOCProcessor
 
-    curve = [json.loads(line) for line in (run_dir / "eval_log.jsonl").read_text().splitlines()]
+    curve = read_curve(run_dir)
     logger.info("%s: reusing the finished run in %s (same settings; %.1f s of training)", name, run_dir,
                 done["seconds"])
     model = CLOCModel.from_pretrained(run_dir).eval()
@@ -316,7 +322,7 @@ def train_run(name: str, out: Path, data: Path, preset: DemoSettings, objective:
     shutil.rmtree(run_dir, ignore_errors=True)
     trainer = Trainer(config, eval_hook=curve_hook(data, methods, preset.curve_images))
     model = trainer.train()
-    curve = [json.loads(line) for line in (run_dir / "eval_log.jsonl").read_text().splitlines()]
+    curve = read_curve(run_dir)
     logger.info("%s: %d steps in %.1f s", name, steps, trainer.elapsed)
     (run_dir / RUN_MARKER).write_text(json.dumps({"identity": identity, "steps": steps, "seconds": trainer.elapsed}))
     return RunResult(name, run_dir, steps, trainer.elapsed, curve, model.eval(), trainer.processor)

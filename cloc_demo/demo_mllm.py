@@ -191,8 +191,8 @@ def build_records(data: Path, split: str, out: Path, limit: int, seed: int, task
 def merge_turns(records: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
     """One scene's one-question records as one multi-turn record (LLaVA's conversation layout), the
     questions in random order: the image tokens, most of every sequence, are then paid once per scene
-    instead of once per question (the questions must not answer each other: see :func:`build_records`). ``<image>`` stays in the first human turn; ``regions`` follow the
-    ``<region>`` tokens in turn order."""
+    instead of once per question (the questions must not answer each other: see :func:`build_records`).
+    ``<image>`` stays in the first human turn; ``regions`` follow the ``<region>`` tokens in turn order."""
     order = rng.sample(records, len(records))
     conversations, regions = [], []
     for k, record in enumerate(order):

@@ -143,6 +143,13 @@ def _build_tower(vision_config) -> nn.Module:
 class CLOCLlavaModel(CLOCLlavaPreTrainedModel, LlavaModel):
     """``LlavaModel`` + :class:`CLOCLlavaRegionEncoder` (``region_encoder``)."""
 
+    region_encoder_every_step = False
+    """Run the region encoder in every forward pass with an image, also without region prompts (then on a
+    whole-image box of the first image, its features added times zero: output unchanged, zero gradients).
+    Default off (no wasted work); distributed training turns it on so that every rank runs the same
+    modules at every step: DeepSpeed ZeRO-3 gathers a module's partitioned weights when it runs and ZeRO-2
+    reduces gradients in buckets, so a rank without regions would skip collective calls another makes."""
+
     def __init__(self, config: CLOCLlavaConfig):
         CLOCLlavaPreTrainedModel.__init__(self, config)  # LlavaModel.__init__'s body, plus the region encoder
         self.vision_tower = _build_tower(config.vision_config)
@@ -240,6 +247,12 @@ class CLOCLlavaModel(CLOCLlavaPreTrainedModel, LlavaModel):
         if region_boxes is None and region_points is None:
             if image_outputs is not None and input_ids is not None and self.config.region_token_id is not None:
                 self._region_mask(input_ids, [0] * input_ids.shape[0])  # <region> tokens without prompts raise
+            if self.region_encoder_every_step and image_outputs is not None:
+                images, device = image_outputs.hidden_states[0].shape[0], inputs_embeds.device
+                boxes = [torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device)]
+                boxes += [torch.zeros(0, 4, device=device)] * (images - 1)
+                features, _ = self.get_region_features(image_outputs, region_boxes=boxes)
+                inputs_embeds = inputs_embeds + features.sum().to(inputs_embeds.dtype) * 0
             return inputs_embeds
         if image_outputs is None:
             raise ValueError("region prompts need the image: pass pixel_values (or mm_encoder_outputs) with them")

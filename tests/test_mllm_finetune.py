@@ -276,7 +276,7 @@ def test_region_encoder_runs_on_batches_without_regions(setup, stage1):
     encoder.register_forward_hook(lambda *_: calls.append(1))
     plain = model(**batch).loss
     assert not calls
-    finetune.run_region_encoder_every_step(model)
+    (model.get_base_model() if hasattr(model, "get_base_model") else model).model.region_encoder_every_step = True
     always = model(**batch).loss
     assert calls, "the region encoder did not run"
     torch.testing.assert_close(always, plain, rtol=0, atol=0)
@@ -290,7 +290,8 @@ def test_region_encoder_runs_on_batches_without_regions(setup, stage1):
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-lm"])
 def test_torchrun_two_processes_with_deepspeed_zero3(setup, stage1, tmp_path, lora):
     """ZeRO-3 partitions the parameters over 2 CPU processes; each step one rank's record has a region
-    and the other's has none, which stopped the run before the region encoder ran on every batch. The merged model is gathered to a normal checkpoint with stage 1's tensors."""
+    and the other's has none, which stopped the run before the region encoder ran on every batch. The
+    merged model is gathered to a normal checkpoint with stage 1's tensors."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "ds3"
     args = _one_region_record_per_rank(setup, stage1, out, *([] if lora else ["--no-lora"]),

@@ -8,7 +8,7 @@ the tower and its Prompter at ``--tower-lr``. The loss is on the answer tokens o
 Face's ``Trainer`` with a plain PyTorch AdamW, optionally under DeepSpeed (``training/mllm/configs``,
 whose "auto" values the Trainer fills from these arguments; ZeRO-2 and ZeRO-3, on GPUs or CPU processes).
 Under DeepSpeed the region encoder runs on every batch, to no effect on those without ``<region>``,
-so that every rank makes the same collective calls (:func:`run_region_encoder_every_step`).
+so that every rank makes the same collective calls (``CLOCLlavaModel.region_encoder_every_step``).
 
 Starting model: ``--cloc DIR --lm DIR`` (a CLOC checkpoint's tower + Prompter and a causal language
 model with its tokenizer; ``<image>``, ``<region>`` and a pad token are added to the tokenizer when
@@ -229,30 +229,6 @@ def is_tower_parameter(name: str) -> bool:
     return any(f"{m}." in name for m in TOWER)
 
 
-def run_region_encoder_every_step(model) -> None:
-    """Make the model run its region encoder in every forward pass: on a batch without ``<region>``
-    tokens it encodes one whole-image box of the first image and adds its features times zero (the
-    output is unchanged, the gradients it gives are zero). Used under DeepSpeed, whose collective calls
-    must match on every rank: ZeRO-3 gathers a module's partitioned parameters when the module runs and
-    ZeRO-2 reduces gradients in buckets of the parameters that got one, so a rank whose batch holds no
-    region would skip calls that a rank with regions makes, and the processes stop (gloo aborts with
-    "Received data size doesn't match expected size", NCCL waits for ever)."""
-    inner = (model.get_base_model() if hasattr(model, "get_base_model") else model).model
-    insert_regions = inner._insert_regions
-
-    def insert_regions_always(input_ids, inputs_embeds, image_outputs, region_boxes, region_points):
-        embeds = insert_regions(input_ids, inputs_embeds, image_outputs, region_boxes, region_points)
-        if region_boxes is None and region_points is None and image_outputs is not None:
-            tokens = image_outputs.hidden_states[0]
-            whole = [torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=tokens.device)]
-            boxes = whole + [torch.zeros(0, 4, device=tokens.device)] * (tokens.shape[0] - 1)
-            features, _ = inner.get_region_features(image_outputs, region_boxes=boxes)
-            embeds = embeds + features.sum().to(embeds.dtype) * 0
-        return embeds
-
-    inner._insert_regions = insert_regions_always
-
-
 def make_trainer_class():
     """transformers' ``Trainer`` with a tower learning rate and seeded length-grouped batches."""
     from transformers import Trainer
@@ -372,7 +348,7 @@ def main(argv=None) -> int:
         base_dir = str(out / "base")
     model = set_trainable(model, args)
     if args.deepspeed:  # every rank must run the same modules at every step
-        run_region_encoder_every_step(model)
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).model.region_encoder_every_step = True
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("stage %s: %d trainable parameters of %d", args.stage, trainable, sum(p.numel() for p in model.parameters()))
     trainer = make_trainer_class()(model=model, args=training_args, train_dataset=dataset,
