@@ -74,6 +74,8 @@ class MLLMDemoSettings:
     lm: ``LlamaConfig`` fields of the language model trained from scratch.
     align_steps, instruct_steps: optimiser steps of the two stages (same for both towers); 600 instruct
         steps, chosen on val, fill the 20-minute budget with two workers.
+    ref_cls_share: share of the training scenes that also give a classification record (every scene gives
+        its REC record); classification is learnt from far fewer examples than REC.
     align_lr, instruct_lr: their peak learning rates (cosine schedule, AdamW).
     batch_size: records per step.
     vision_feature_layer: tower layer the image tokens come from (LLaVA's -2).
@@ -82,6 +84,7 @@ class MLLMDemoSettings:
     """
 
     n_train: int = 5000
+    ref_cls_share: float = 1.0
     n_eval: int = 300
     vocab_size: int = 600
     lm: dict[str, Any] = field(default_factory=lambda: {
@@ -152,10 +155,11 @@ def scene_samples(sample: RegionSample, task: str) -> RegionSample:
 
 
 def build_records(data: Path, split: str, out: Path, limit: int, seed: int, tasks=("rec", "ref_cls"),
-                  multi_turn: bool = False) -> Path:
+                  multi_turn: bool = False, ref_cls_share: float = 1.0) -> Path:
     """Instruction records of the first ``limit`` scenes of ``split`` -> ``out/data.json`` + ``out/images``;
     one per question, or with ``multi_turn`` (training) per scene: its REC questions as one multi-turn
-    record (:func:`merge_turns`) and one of its referring-classification questions on its own.
+    record (:func:`merge_turns`) and one of its referring-classification questions on its own, the
+    latter for a random ``ref_cls_share`` of the scenes (default all).
 
     Why not every question of a scene in one record: a classification question carries its box as
     text, which is the REC answer of the same object (a REC turn after it is answered by copying, not
@@ -164,6 +168,8 @@ def build_records(data: Path, split: str, out: Path, limit: int, seed: int, task
     shards = list_shards(data / split)
     if not shards:
         raise FileNotFoundError(f"no shards under {data / split} (run `make demo` first)")
+    if not 0.0 < ref_cls_share <= 1.0:
+        raise ValueError(f"ref_cls_share must be in (0, 1], got {ref_cls_share}")
     pool = sorted({f"{c} {s}" for c in _scene_config(data)["colours"] for s in _scene_config(data)["shapes"]})
     builders = {t: SceneInstructionBuilder(InstructionConfig(tasks=(t,), convention=CONVENTION, seed=seed + k), pool)
                 for k, t in enumerate(tasks)}
@@ -182,7 +188,7 @@ def build_records(data: Path, split: str, out: Path, limit: int, seed: int, task
                 records += made
             elif task == "rec":
                 records.append(merge_turns(made, rng))
-            else:
+            elif ref_cls_share >= 1.0 or rng.random() < ref_cls_share:
                 records.append(rng.choice(made))
     write_json_atomic(out / "data.json", records)
     return out / "data.json"
@@ -302,7 +308,7 @@ def save_final_model(src: Path, dst: Path) -> None:
 
 def training_key(s: MLLMDemoSettings, tower: str, seed: int, demo_dir: Path, tokenizer) -> dict[str, Any]:
     """Everything a fine-tuned model depends on (the evaluation settings excluded)."""
-    fields = ("n_train", "vocab_size", "lm", "align_steps", "instruct_steps", "align_lr", "instruct_lr", "batch_size",
+    fields = ("n_train", "ref_cls_share", "vocab_size", "lm", "align_steps", "instruct_steps", "align_lr", "instruct_lr", "batch_size",
               "vision_feature_layer")
     tower_config = (demo_dir / tower / "model.safetensors").stat()
     return jsonable({**{f: getattr(s, f) for f in fields}, "tower": tower, "seed": seed, "checkpoint": str(demo_dir / tower),
@@ -429,7 +435,8 @@ def run_demo(preset: str = "demo", out: str | Path = "runs/demo-mllm", demo_dir:
     data, work = demo_dir / "data", out / "work"
     if not reuse:
         shutil.rmtree(work, ignore_errors=True)
-    train_data = build_records(data, "train", work / "data" / "train", s.n_train, seed=0, multi_turn=True)
+    train_data = build_records(data, "train", work / "data" / "train", s.n_train, seed=0, multi_turn=True,
+                               ref_cls_share=s.ref_cls_share)
     eval_data = build_records(data, split, work / "data" / split, s.n_eval, seed=1000, tasks=("ref_cls",))
     train_records = json.loads(train_data.read_text())
     tokenizer = train_tokenizer(train_records, s.vocab_size)

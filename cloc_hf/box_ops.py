@@ -86,6 +86,36 @@ def elementwise_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
 
 
+def jitter_boxes(
+    boxes: torch.Tensor,
+    scale: float,
+    size: tuple[float, float] = (1.0, 1.0),
+    min_size: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``(N, 4)`` xyxy ``boxes`` with each corner moved by Gaussian noise of std ``scale`` x the box's
+    width / height, clipped to the frame ``size = (width, height)`` and kept at least ``min_size``
+    wide and high (corners that cross are swapped back into order).
+
+    Used for training with loose boxes (``CLOCConfig.region_box_jitter``) and for evaluating with
+    them (``eval.region.jitter_boxes``, in pixels with ``min_size=1``): a loose detector box is off by
+    about 0.1-0.2 of its size.
+    """
+    if scale < 0:
+        raise ValueError(f"jitter_boxes: scale={scale} must be >= 0")
+    width, height = float(size[0]), float(size[1])
+    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    noise = torch.randn(boxes.shape, generator=generator, dtype=boxes.dtype, device=boxes.device)
+    moved = boxes + scale * wh * noise
+    limit = torch.tensor([width, height] * 2, dtype=boxes.dtype, device=boxes.device)
+    moved = torch.minimum(moved.clamp_min(0), limit)
+    x1 = torch.minimum(moved[:, 0], moved[:, 2]).clamp(max=width - min_size)
+    y1 = torch.minimum(moved[:, 1], moved[:, 3]).clamp(max=height - min_size)
+    x2 = torch.maximum(torch.maximum(moved[:, 0], moved[:, 2]), x1 + min_size)
+    y2 = torch.maximum(torch.maximum(moved[:, 1], moved[:, 3]), y1 + min_size)
+    return torch.stack([x1, y1, x2, y2], dim=1)
+
+
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Greedy non-maximum suppression; returns kept indices sorted by decreasing score."""
     order = scores.argsort(descending=True)

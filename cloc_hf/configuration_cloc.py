@@ -54,7 +54,7 @@ PROMPTER_PRESETS: dict[str, dict] = {
 # Prompter defaults of configs saved before these fields existed (read by `CLOCConfig` when it
 # loads a saved file without them, so old checkpoints mean what they meant).
 LEGACY_PROMPTER_DEFAULTS: dict[str, Any] = dict(PROMPTER_PRESETS["first_release"])
-# CLOCConfig fields that only change the loss, not the weights: the ones a run may change on a
+# CLOCConfig fields that only change training (the loss or what it sees), not the weights: the ones a run may change on a
 # loaded checkpoint (``training.config.PretrainConfig.init_from``).
 LOSS_SETTINGS = (
     "region_loss_weight",
@@ -64,6 +64,7 @@ LOSS_SETTINGS = (
     "grounding_giou_weight",
     "grounding_loss_weight",
     "point_prompt_loss",
+    "region_box_jitter",
 )
 
 
@@ -296,6 +297,11 @@ class CLOCConfig(PreTrainedConfig):
             Beyond the paper (points are its "future work"): also train point prompts, using each
             region's box centre as a point with the same region-text loss (the two are averaged).
             Without it the point-type embedding stays at its initialisation.
+        region_box_jitter (`float`, defaults to 0.0):
+            Training only: each corner of a box given to the Prompter moves by Gaussian noise of this
+            fraction of the box's width / height (`box_ops.jitter_boxes`); the grounding targets stay
+            exact. Pseudo-label boxes are loose, and a learned pooling can learn to look past a loose
+            box's edges where RoI-Align cannot. 0 (the paper) trains on the boxes as given.
     """
 
     model_type = "cloc"
@@ -317,6 +323,7 @@ class CLOCConfig(PreTrainedConfig):
     grounding_giou_weight: float = 1.0
     grounding_loss_weight: float = 1.0
     point_prompt_loss: bool = False
+    region_box_jitter: float = 0.0
     joint_text_pass: bool = False
     initializer_factor: float = 1.0
 
@@ -372,7 +379,7 @@ class CLOCConfig(PreTrainedConfig):
             raise ValueError(
                 f"CLOCConfig.grounding_loss_type={self.grounding_loss_type!r}; expected one of {GROUNDING_LOSS_TYPES}"
             )
-        for name in ("region_loss_weight", "grounding_loss_weight", "grounding_giou_weight"):
+        for name in ("region_loss_weight", "grounding_loss_weight", "grounding_giou_weight", "region_box_jitter"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CLOCConfig.{name}={getattr(self, name)} must be >= 0")
         if self.text_filter_threshold is not None and not -1.0 <= self.text_filter_threshold <= 1.0:

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPTextModel
 from transformers.utils import can_return_tuple
 
-from .box_ops import validate_boxes, validate_points
+from .box_ops import jitter_boxes, validate_boxes, validate_points
 from .configuration_cloc import CLOCConfig
 from .loss import cloc_losses
 from .modeling_outputs import CLOCGroundingOutput, CLOCOutput  # noqa: F401 (re-exported)
@@ -404,7 +404,10 @@ class CLOCModel(CLOCPreTrainedModel):
                 f"{flat.counts[i]} boxes of region_boxes[{i}]"
             )
         boxes, region_index = flat.values, flat.image_index
-        raw_regions = self.prompter(tokens, region_index, boxes=boxes.to(tokens.dtype))
+        prompt_boxes = boxes  # what the Prompter sees; grounding targets stay the given boxes
+        if self.training and self.config.region_box_jitter > 0:
+            prompt_boxes = jitter_boxes(boxes, self.config.region_box_jitter)
+        raw_regions = self.prompter(tokens, region_index, boxes=prompt_boxes.to(tokens.dtype))
         raw_region_texts = (encode_phrases or self._encode_phrases)(phrase_ids, phrase_mask)
         out = dict(
             region_embeds=F.normalize(raw_regions, dim=-1),

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from cloc_hf import box_ops
 from cloc_data.converters.coco import iter_coco_instances, read_instances, sorted_categories
 from cloc_data.format import RegionSample
 from cloc_data.shards import SkipCounter
@@ -199,13 +200,14 @@ def load_coco_regions(
 
 def jitter_boxes(data: RegionRecognitionView, scale: float = 0.2, seed: int = 0) -> RegionRecognitionView:
     """``data`` with each box corner moved by Gaussian noise of std ``scale`` x the box's width / height
-    (seeded; the same boxes for every method), clipped to the image and kept at least 1 px wide.
+    (seeded; the same boxes for every method), clipped to the image and kept at least 1 px wide
+    (:func:`cloc_hf.box_ops.jitter_boxes` per image).
 
     Default 0.2: about the error of a loose detector box, enough to push part of the box off the
     object while its centre usually stays on it.
     """
     if scale < 0:
-        raise ValueError(f"jitter_boxes: scale={scale} must be >= 0")
+        raise ValueError(f"jitter_boxes: scale={scale} must be >= 0")  # before any box is copied
     generator = torch.Generator().manual_seed(seed)
     noisy = copy.copy(data)
     noisy.boxes = []
@@ -213,15 +215,7 @@ def jitter_boxes(data: RegionRecognitionView, scale: float = 0.2, seed: int = 0)
         if boxes.numel() == 0:
             noisy.boxes.append(boxes.clone())
             continue
-        wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-        moved = boxes + scale * wh * torch.randn(boxes.shape, generator=generator)
-        limit = torch.tensor([sample.width, sample.height] * 2, dtype=boxes.dtype)
-        moved = torch.minimum(moved.clamp_min(0), limit)
-        x1 = torch.minimum(moved[:, 0], moved[:, 2]).clamp(max=float(sample.width) - 1)
-        y1 = torch.minimum(moved[:, 1], moved[:, 3]).clamp(max=float(sample.height) - 1)
-        x2 = torch.maximum(torch.maximum(moved[:, 0], moved[:, 2]), x1 + 1)
-        y2 = torch.maximum(torch.maximum(moved[:, 1], moved[:, 3]), y1 + 1)
-        noisy.boxes.append(torch.stack([x1, y1, x2, y2], dim=1))
+        noisy.boxes.append(box_ops.jitter_boxes(boxes, scale, (sample.width, sample.height), 1.0, generator))
     return noisy
 
 

@@ -79,6 +79,22 @@ def test_training_records_do_not_answer_each_other(scenes, tmp_path):
     assert len({r["image"] for r in cls}) == len(cls)
 
 
+def test_ref_cls_share_keeps_every_rec_record(scenes, tmp_path):
+    """``ref_cls_share`` thins out the classification records only; a share outside (0, 1] is refused."""
+    from cloc_demo.demo_mllm import build_records
+
+    full = json.loads(build_records(scenes, "train", tmp_path / "a", limit=24, seed=0, multi_turn=True).read_text())
+    half = json.loads(build_records(scenes, "train", tmp_path / "b", limit=24, seed=0, multi_turn=True,
+                                    ref_cls_share=0.5).read_text())
+    n_cls = {name: sum(r["task"] == "ref_cls" for r in recs) for name, recs in (("full", full), ("half", half))}
+    assert n_cls["full"] == 24 and 0 < n_cls["half"] < 24
+    rec_ids = sorted(r["id"] for r in full if r["task"] == "multi")
+    assert rec_ids and rec_ids == sorted(r["id"] for r in half if r["task"] == "multi")
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="ref_cls_share"):
+            build_records(scenes, "train", tmp_path / "c", limit=24, seed=0, multi_turn=True, ref_cls_share=bad)
+
+
 def test_tokenizer_keeps_coordinates_whole_and_adds_bos(scenes, tmp_path):
     from cloc_demo.demo_mllm import build_records, train_tokenizer
 

@@ -235,6 +235,34 @@ def test_gradients_reach_every_parameter():
     assert missing == []
 
 
+def test_region_box_jitter_loosens_prompter_boxes_in_training_only():
+    """``region_box_jitter``: in training the Prompter sees moved boxes (valid, inside the frame) and the
+    grounding targets stay the given ones; in eval mode the model is the unjittered one."""
+    from cloc_hf.box_ops import jitter_boxes
+
+    torch.manual_seed(0)
+    plain = cloc_hf.create_model("cloc-tiny")
+    jittered = cloc_hf.create_model("cloc-tiny", region_box_jitter=0.3)
+    jittered.load_state_dict(plain.state_dict())
+    batch = _batch(plain)
+    given = torch.cat(batch["region_boxes"])
+    for model in (plain, jittered):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(jittered(**batch).region_embeds, plain(**batch).region_embeds)
+        jittered.train()
+        out = jittered(**batch, return_loss=True)
+        plain.train()
+        reference = plain(**batch, return_loss=True)
+    torch.testing.assert_close(out.region_target_boxes, given)
+    assert not torch.allclose(out.region_embeds, reference.region_embeds)
+    moved = jitter_boxes(given, 0.3, generator=torch.Generator().manual_seed(0))
+    assert (moved[:, 2:] > moved[:, :2]).all() and moved.min() >= 0 and moved.max() <= 1
+    assert not torch.allclose(moved, given)
+    with pytest.raises(StrictDataclassClassValidationError, match="region_box_jitter=-0.1"):
+        CLOCConfig(region_box_jitter=-0.1)
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     model = cloc_hf.create_model("cloc-tiny")
