@@ -32,6 +32,15 @@ class FlatPrompts(NamedTuple):
     counts: list[int]
 
 
+def _same_layout(items) -> bool:
+    """Every item a 2-D float tensor with one trailing size and device (the usual batch)."""
+    first = items[0] if len(items) else None
+    return first is not None and all(
+        torch.is_tensor(t) and t.ndim == 2 and t.is_floating_point() and t.shape[1] == first.shape[1]
+        and t.dtype == first.dtype and t.device == first.device for t in items
+    )
+
+
 def flatten_per_image(
     items: Sequence[torch.Tensor] | torch.Tensor,
     batch: int,
@@ -49,6 +58,8 @@ def flatten_per_image(
         name: what the caller calls ``items``, used in errors (``boxes[1][0] ...``).
         validate: applied to each image's tensor as ``validate(t, name=f"{name}[i]")`` (e.g.
             :func:`~cloc_hf.box_ops.validate_boxes`); default none. Its result is what is flattened.
+            It must act row by row (it is first tried once on all rows together, and per image only
+            when that raises, so errors still name the image).
         device: where ``values`` and ``image_index`` go; default the first tensor's device.
     Raises:
         ValueError: naming ``name`` when it is not a list of tensors, has the wrong length, or its
@@ -60,6 +71,18 @@ def flatten_per_image(
         raise ValueError(f"{name} must be a list with one (n_i, k) tensor per image, got {type(items).__name__}")
     if len(items) != batch:
         raise ValueError(f"got {len(items)} {name} lists for a batch of {batch} images; need one list per image")
+    if validate is not None and _same_layout(items):
+        # one validation over all rows instead of one call per image (a training batch has hundreds of
+        # images); on any problem the per-image pass below runs and raises with the image's name
+        try:
+            values = validate(torch.cat(list(items), dim=0), name=name)
+        except ValueError:
+            pass
+        else:
+            counts = [len(t) for t in items]
+            device = items[0].device if device is None else device
+            index = torch.repeat_interleave(torch.arange(batch), torch.tensor(counts, dtype=torch.long))
+            return FlatPrompts(values.to(device), index.to(device), counts)
     checked = []
     for i, item in enumerate(items):
         item = validate(item, name=f"{name}[{i}]") if validate is not None else torch.as_tensor(item)

@@ -59,3 +59,13 @@ def test_validation_names_the_image_and_box():
     items = [torch.tensor([[0.1, 0.1, 0.2, 0.2]]), torch.tensor([[0.1, 0.1, 0.2, 0.2], [0.5, 0.1, 0.4, 0.3]])]
     with pytest.raises(ValueError, match=r"boxes\[1\]\[1\].*flipped"):
         flatten_per_image(items, 2, "boxes", validate_boxes)
+
+
+def test_validated_batch_equals_per_image_validation():
+    """All rows validated at once (the fast path) give what per-image validation gives, clipping included."""
+    items = [torch.tensor([[-0.005, 0.1, 0.2, 1.004]]), torch.zeros(0, 4),
+             torch.tensor([[0.1, 0.1, 0.2, 0.2], [0.4, 0.1, 0.5, 0.3]])]
+    flat = flatten_per_image(items, 3, "boxes", validate_boxes)
+    expected = torch.cat([validate_boxes(t, name=f"boxes[{i}]") for i, t in enumerate(items)])
+    assert torch.equal(flat.values, expected) and flat.counts == [1, 0, 2]
+    assert flat.image_index.tolist() == [0, 2, 2] and flat.values[0, 0] == 0 and flat.values[0, 3] == 1
