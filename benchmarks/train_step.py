@@ -284,7 +284,7 @@ def breakdown(model, batch_cloc: dict, batch_clip: dict, steps: dict, device: st
         return model._encode_phrases(phrase_ids, phrase_mask)
 
     def text_prompt_and_box_head():
-        return model.box_head(model.prompter(_leaf(tokens), index, text_embeds=_leaf(phrase_embeds)))
+        return model._predict_boxes(_leaf(tokens), index, _leaf(phrase_embeds))  # whichever head input the config uses
 
     def loss_of(out: CLOCOutput):
         fields = ("image_embeds", "text_embeds", "region_embeds", "region_text_embeds", "pred_boxes")
