@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from cloc_hf import box_ops
 from cloc_data.converters.coco import iter_coco_instances, read_instances, sorted_categories
 from cloc_data.format import RegionSample
 from cloc_data.shards import SkipCounter
+from cloc_hf import box_ops
 from eval.baselines import EncodeOptions, check_method, encode_class_names, encode_regions
 from eval.metrics import mean_per_class_accuracy, per_group_accuracy
 
