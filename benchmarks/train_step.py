@@ -29,7 +29,8 @@ What is measured
 * **CLOC extra-cost breakdown**: the region-only parts of the CLOC step, each timed alone forward +
   backward on the step's own tensors (leaf copies of the ViT tokens / embeddings): the Prompter's box
   pass, the region phrases through the text tower (unique phrases only, as the model does), the
-  text-prompt pass + box head, and the region + grounding loss terms (CLOC's loss minus CLIP's).
+  text-prompt pass + box head (on the image side the box pass computed: the step shares it), and the
+  region + grounding loss terms (CLOC's loss minus CLIP's).
   The parts are timed interleaved with full CLOC and CLIP steps, and their sum is compared with the
   CLOC - CLIP difference of that same schedule; the rest is the optimiser on the extra parameters,
   indexing and validation (a part timed alone also pays some fixed per-call costs).
@@ -276,15 +277,24 @@ def breakdown(model, batch_cloc: dict, batch_clip: dict, steps: dict, device: st
     def box_pass():
         return model.prompter(_leaf(tokens), index, boxes=boxes.to(tokens.dtype))
 
-    def point_pass():  # only with config.point_prompt_loss: box centres as point prompts
-        centres = 0.5 * (boxes[:, :2] + boxes[:, 2:])
-        return model.prompter(_leaf(tokens), index, points=centres.to(tokens.dtype))
 
     def phrase_encoding():
         return model._encode_phrases(phrase_ids, phrase_mask)
 
-    def text_prompt_and_box_head():
-        return model._predict_boxes(_leaf(tokens), index, _leaf(phrase_embeds))  # whichever head input the config uses
+    # The step computes the Prompter's image side once and shares it between its prompt passes; the box
+    # pass above pays for it here, so the text-prompt part reuses a precomputed one (no gradient into it).
+    shared_tokens = _leaf(tokens)
+    with torch.no_grad(), autocast_for(device, dtype):
+        shared_memory = model.prompter.encode_image(shared_tokens)
+        for value_positions in {False, config.prompter_config.text_value_positions}:
+            shared_memory.layer_keys_values(value_positions)
+
+    def point_pass():  # only with config.point_prompt_loss: box centres as point prompts
+        centres = 0.5 * (boxes[:, :2] + boxes[:, 2:])
+        return model.prompter(shared_tokens, index, points=centres.to(tokens.dtype), memory=shared_memory)
+
+    def text_prompt_and_box_head():  # whichever head input the config uses
+        return model._predict_boxes(shared_tokens, index, _leaf(phrase_embeds), shared_memory)
 
     def loss_of(out: CLOCOutput):
         fields = ("image_embeds", "text_embeds", "region_embeds", "region_text_embeds", "pred_boxes")
@@ -449,7 +459,7 @@ def render(results: dict) -> str:
             "prompter_point_pass": "Prompter point pass (point_prompt_loss)",
             "region_phrase_encoding": f"region phrases through the text tower ({parts['num_unique_phrases']} "
                                       f"unique of {parts['num_regions']})",
-            "text_prompt_pass_box_head": "text-prompt pass + box head",
+            "text_prompt_pass_box_head": "text-prompt pass + box head (shared image side)",
             "region_grounding_losses": "region + grounding losses (CLOC loss - CLIP loss)",
         }
         extra = parts["extra_step_s"]

@@ -279,24 +279,26 @@ class CLOCModel(CLOCPreTrainedModel):
         """``(T, 4)`` boxes (clipped to the frame) for flat phrase rows and the image index of each,
         and their ``(T,)`` scores when asked (else ``None``)."""
         text_embeds = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        boxes = self._predict_boxes(tokens, image_index, text_embeds).clamp(0, 1)
+        memory = self.prompter.encode_image(tokens)
+        boxes = self._predict_boxes(tokens, image_index, text_embeds, memory).clamp(0, 1)
         if not with_scores:
             return boxes, None
-        regions = self.prompter(tokens, image_index, boxes=boxes.to(tokens.dtype))
+        regions = self.prompter(tokens, image_index, boxes=boxes.to(tokens.dtype), memory=memory)
         return boxes, F.cosine_similarity(regions, text_embeds.to(regions.dtype), dim=-1)
 
-    def _predict_boxes(self, tokens, image_index, text_embeds) -> torch.Tensor:
+    def _predict_boxes(self, tokens, image_index, text_embeds, memory=None) -> torch.Tensor:
         """The box head on text prompts: it reads their region embeddings or pooled states
-        (``prompter_config.box_head_input``)."""
+        (``prompter_config.box_head_input``); ``memory``: the Prompter's ``encode_image(tokens)``
+        when the caller already has it."""
         head_input = self.config.prompter_config.box_head_input
+        if memory is None:
+            memory = self.prompter.encode_image(tokens)
         if head_input == "region_embedding":
-            return self.box_head(self.prompter(tokens, image_index, text_embeds=text_embeds))
-        _, pooled = self.prompter(tokens, image_index, text_embeds=text_embeds, return_pooled=True)
+            return self.box_head(self.prompter(tokens, image_index, text_embeds=text_embeds, memory=memory))
+        _, pooled = self.prompter(tokens, image_index, text_embeds=text_embeds, return_pooled=True, memory=memory)
         if head_input == "pooled":
             return self.box_head(pooled)
-        image_tokens = self.prompter.image_adapter(tokens)
-        image_pos = self.prompter.image_positions(image_tokens.shape[1], image_tokens.device, image_tokens.dtype)
-        return self.box_head(pooled, image_tokens, image_pos, image_index)
+        return self.box_head(pooled, memory.tokens, memory.positions, image_index)
 
     @staticmethod
     def _deprecated_index(text_image_index, input_ids, batch: int) -> torch.Tensor:
@@ -407,7 +409,8 @@ class CLOCModel(CLOCPreTrainedModel):
         prompt_boxes = boxes  # what the Prompter sees; grounding targets stay the given boxes
         if self.training and self.config.region_box_jitter > 0:
             prompt_boxes = jitter_boxes(boxes, self.config.region_box_jitter)
-        raw_regions = self.prompter(tokens, region_index, boxes=prompt_boxes.to(tokens.dtype))
+        memory = self.prompter.encode_image(tokens)  # the image side, shared by the prompt passes below
+        raw_regions = self.prompter(tokens, region_index, boxes=prompt_boxes.to(tokens.dtype), memory=memory)
         raw_region_texts = (encode_phrases or self._encode_phrases)(phrase_ids, phrase_mask)
         out = dict(
             region_embeds=F.normalize(raw_regions, dim=-1),
@@ -419,10 +422,10 @@ class CLOCModel(CLOCPreTrainedModel):
         if self.config.point_prompt_loss and self.config.prompter_config.prompter_type == "transformer":
             centres = 0.5 * (boxes[:, :2] + boxes[:, 2:])
             out["point_region_embeds"] = F.normalize(
-                self.prompter(tokens, region_index, points=centres.to(tokens.dtype)), dim=-1
+                self.prompter(tokens, region_index, points=centres.to(tokens.dtype), memory=memory), dim=-1
             )
         if self.box_head is not None and self.config.use_grounding_loss:
-            out["pred_boxes"] = self._predict_boxes(tokens, region_index, raw_region_texts)
+            out["pred_boxes"] = self._predict_boxes(tokens, region_index, raw_region_texts, memory)
         return out
 
     def _encode_phrases(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

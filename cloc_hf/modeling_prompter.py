@@ -159,21 +159,62 @@ class CLOCPrompterLayer(GradientCheckpointingLayer):
         key_pos: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         value_pos: torch.Tensor | None = None,
+        memory: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``queries (B, Q, d)``, ``keys (B, K, d)``, positions of the same shapes (or broadcastable),
         ``attention_mask (B, Q, K)``: bool (True = may attend) or an additive float bias;
         ``value_pos``: position codes also added to the values' inputs (default none: values carry
-        content only). Returns ``(B, Q, d)``."""
+        content only); ``memory``: keys and values of more tokens from :meth:`memory_keys_values`,
+        appended after ``keys`` (``K`` then counts both). Returns ``(B, Q, d)``."""
         hq = self.layer_norm1(queries)
-        hk = self.layer_norm1(keys)
+        hk = hq if keys is queries else self.layer_norm1(keys)
         q = self._heads(self.q_proj(hq + query_pos))
         k = self._heads(self.k_proj(hk + key_pos))
         v = self._heads(self.v_proj(hk if value_pos is None else hk + value_pos))
+        if memory is not None:
+            k, v = torch.cat([k, memory[0]], dim=2), torch.cat([v, memory[1]], dim=2)
         mask = attention_mask[:, None] if attention_mask is not None else None
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         attn = attn.transpose(1, 2).reshape(queries.shape)
         x = queries + self.out_proj(attn)
         return x + self.fc2(self.activation(self.fc1(self.layer_norm2(x))))
+
+    def memory_keys_values(
+        self, tokens: torch.Tensor, positions: torch.Tensor, value_positions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B, heads, K, d / heads)`` of fixed ``tokens (B, K, d)`` with position codes
+        ``positions (K, d)``, for ``forward(memory=...)``: computed once, shared by every prompt pass over
+        the same images (the same values a pass over ``[queries ; tokens]`` computes for those rows)."""
+        h = self.layer_norm1(tokens)
+        k = self._heads(self.k_proj(h + positions))
+        v = self._heads(self.v_proj(h + positions if value_positions else h))
+        return k, v
+
+
+class PrompterImageMemory:
+    """What every prompt pass of a :class:`CLOCPrompter` computes from the images alone: the adapted
+    tokens ``(B, 1 + N, hidden)``, their position codes ``(1 + N, hidden)`` and, in ``"prompt"``
+    pooling, each layer's keys and values of those tokens (built on first use, once per value form).
+
+    A training step runs box prompts, text prompts (for the box head) and sometimes point prompts
+    over the same images; sharing this gives the same outputs and gradients as separate passes, for
+    one pass over the image tokens instead of one per prompt kind.
+    """
+
+    def __init__(self, prompter: CLOCPrompter, image_tokens: torch.Tensor):
+        self.source = image_tokens
+        self.tokens = prompter.image_adapter(image_tokens)
+        self.positions = prompter.image_positions(self.tokens.shape[1], self.tokens.device, self.tokens.dtype)
+        self._layers = prompter.layers
+        self._keys_values: dict[bool, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def layer_keys_values(self, value_positions: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the image tokens' ``(keys, values)``; ``value_positions``: values with position codes."""
+        if value_positions not in self._keys_values:
+            self._keys_values[value_positions] = [
+                layer.memory_keys_values(self.tokens, self.positions, value_positions) for layer in self._layers
+            ]
+        return self._keys_values[value_positions]
 
 
 class CLOCPrompter(nn.Module):
@@ -199,6 +240,11 @@ class CLOCPrompter(nn.Module):
         self.projection = nn.Linear(hidden, projection_dim, bias=False)
 
     # -- helpers -----------------------------------------------------------------------------------
+    def encode_image(self, image_tokens: torch.Tensor) -> PrompterImageMemory:
+        """The image side of prompt passes over ViT tokens ``(B, 1 + N, d_vit)``, for ``forward(memory=...)``
+        and the box head: computing it once saves a pass over every image token per extra prompt kind."""
+        return PrompterImageMemory(self, image_tokens)
+
     def image_positions(self, num_tokens: int, device, dtype) -> torch.Tensor:
         """Position codes ``(1 + N, hidden)`` of [class token; patch tokens]; the class token gets 0."""
         hidden = self.config.hidden_size
@@ -224,17 +270,18 @@ class CLOCPrompter(nn.Module):
 
     # -- prompt-token pooling: the cheap mode --------------------------------------------------------
     def _forward_prompt_pool(
-        self, image_tokens, image_pos, prompts, prompt_pos, image_index, key_bias=None, value_positions=False
+        self, memory: PrompterImageMemory, prompts, prompt_pos, image_index, key_bias=None, value_positions=False
     ):
         """Each region's prompt tokens attend to themselves and to its image's tokens.
 
         Regions are grouped per image and padded, so the image tokens' keys/values are computed once
-        per image and layer, not once per region. For one layer this equals the full layer over
-        ``[prompts ; image tokens]`` restricted to the prompt rows; with more layers the image tokens
-        act as a fixed memory (a decoder), since their updates are never pooled. ``key_bias``
-        ``(R, 1 + N)``: an additive bias of each region's attention logits on the image tokens.
+        per image and layer (and once for all prompt passes sharing ``memory``), not once per region.
+        For one layer this equals the full layer over ``[prompts ; image tokens]`` restricted to the
+        prompt rows; with more layers the image tokens act as a fixed memory (a decoder), since their
+        updates are never pooled. ``key_bias`` ``(R, 1 + N)``: an additive bias of each region's
+        attention logits on the image tokens.
         """
-        batch, num_img_tokens, hidden = image_tokens.shape
+        batch, num_img_tokens, hidden = memory.tokens.shape
         per_region = prompts.shape[1]
         slot, max_count = image_slots(image_index, batch)
 
@@ -256,11 +303,10 @@ class CLOCPrompter(nn.Module):
             own = mask[..., :num_q]
             prompt_bias = torch.zeros(own.shape, dtype=key_bias.dtype, device=own.device).masked_fill(~own, -math.inf)
             mask = torch.cat([prompt_bias, image_bias], dim=-1)
-        key_pos = torch.cat([query_pos, image_pos.expand(batch, -1, -1)], dim=1)
-        for layer in self.layers:
+        for layer, keys_values in zip(self.layers, memory.layer_keys_values(value_positions)):
             queries = layer(
-                queries, query_pos, torch.cat([queries, image_tokens], dim=1), key_pos, mask,
-                value_pos=key_pos if value_positions else None,
+                queries, query_pos, queries, query_pos, mask,
+                value_pos=query_pos if value_positions else None, memory=keys_values,
             )
         out = queries.reshape(batch, max_count, per_region, hidden)[image_index, slot]  # (R, P, hidden)
         return out.mean(dim=1)
@@ -300,6 +346,7 @@ class CLOCPrompter(nn.Module):
         points: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
         return_pooled: bool = False,
+        memory: PrompterImageMemory | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Region embeddings for one kind of prompt.
 
@@ -311,6 +358,8 @@ class CLOCPrompter(nn.Module):
             text_embeds: ``(R, projection_dim)`` projected text embeddings.
             return_pooled: also return the pooled ``(R, hidden)`` state before the LayerNorm and
                 projection (what a ``box_head_input="pooled"`` box head reads).
+            memory: :meth:`encode_image` of these ``image_tokens``, to share the image side between
+                several prompt passes over the same images (default: computed for this call).
         Returns:
             ``(R, projection_dim)`` region embeddings (not normalised), and the pooled state when asked.
         """
@@ -321,7 +370,12 @@ class CLOCPrompter(nn.Module):
         if image_index.numel() == 0:
             empty = image_tokens.new_zeros(0, self.projection.out_features)
             return (empty, image_tokens.new_zeros(0, hidden)) if return_pooled else empty
-        tokens = self.image_adapter(image_tokens)
+        if memory is None:
+            memory = self.encode_image(image_tokens)
+        elif memory.source is not image_tokens:
+            raise ValueError("memory was encoded from other image tokens than these: pass "
+                             "memory=prompter.encode_image(image_tokens) of the same tensor")
+        tokens = memory.tokens
         if self.config.prompter_type == "roi_align":
             if text_embeds is not None:
                 raise ValueError("prompter_type='roi_align' has no text prompts (and so no grounding)")
@@ -338,14 +392,16 @@ class CLOCPrompter(nn.Module):
         else:
             prompts, prompt_pos = self.prompt_encoder.embed_texts(text_embeds)
         prompts, prompt_pos = prompts.to(tokens.dtype), prompt_pos.to(tokens.dtype)
-        image_pos = self.image_positions(tokens.shape[1], tokens.device, tokens.dtype)
-        assert image_pos.shape == (tokens.shape[1], hidden)
         key_bias = None
         if boxes is not None and self.config.box_attention_bias > 0:
             key_bias = self.box_key_bias(boxes.to(tokens.dtype), tokens.shape[1], tokens.dtype)
-        pool = self._forward_prompt_pool if self.config.pooling == "prompt" else self._forward_all_pool
         value_positions = text_embeds is not None and self.config.text_value_positions
-        pooled = pool(tokens, image_pos, prompts, prompt_pos, image_index, key_bias, value_positions)
+        if self.config.pooling == "prompt":
+            pooled = self._forward_prompt_pool(memory, prompts, prompt_pos, image_index, key_bias, value_positions)
+        else:
+            pooled = self._forward_all_pool(
+                tokens, memory.positions, prompts, prompt_pos, image_index, key_bias, value_positions
+            )
         embeds = self._pool_and_project(pooled)
         return (embeds, pooled) if return_pooled else embeds
 
@@ -443,4 +499,13 @@ def build_box_head(config: CLOCPrompterConfig, projection_dim: int) -> nn.Module
     )
 
 
-__all__ = ["CLOCAttentionBoxHead", "CLOCBoxHead", "build_box_head", "CLOCPositionEncoding", "CLOCPromptEncoder", "CLOCPrompter", "CLOCPrompterLayer"]
+__all__ = [
+    "CLOCAttentionBoxHead",
+    "CLOCBoxHead",
+    "build_box_head",
+    "CLOCPositionEncoding",
+    "CLOCPromptEncoder",
+    "CLOCPrompter",
+    "CLOCPrompterLayer",
+    "PrompterImageMemory",
+]

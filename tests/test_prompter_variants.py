@@ -302,3 +302,37 @@ def test_attention_box_head_padding_per_image_equals_per_query_maps():
         for row, image in enumerate(index.tolist()):
             alone = head.attention_map(queries[row : row + 1], tokens[image : image + 1], pos, torch.tensor([0]))
             torch.testing.assert_close(got[row], alone[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text_value_positions", [False, True])
+def test_shared_image_memory_equals_separate_passes(text_value_positions):
+    """Box, point and text prompt passes sharing one ``encode_image`` give the outputs and gradients of
+    passes that each encode the image side themselves (values with or without position codes)."""
+    model = _model(text_value_positions=text_value_positions).train()
+    prompter = model.prompter
+    tokens = torch.randn(3, 65, model.vision_embed_dim)
+    index = torch.tensor([0, 0, 2, 1, 2])
+    boxes = torch.tensor([[0.1, 0.2, 0.6, 0.7], [0.0, 0.0, 1.0, 1.0], [0.3, 0.3, 0.5, 0.9], [0.2, 0.1, 0.4, 0.3],
+                          [0.5, 0.5, 0.9, 0.8]])
+    texts = torch.randn(5, model.config.projection_dim)
+
+    def run(shared: bool):
+        prompter.zero_grad()
+        leaf = tokens.clone().requires_grad_(True)
+        memory = prompter.encode_image(leaf) if shared else None
+        outs = [prompter(leaf, index, boxes=boxes, memory=memory),
+                prompter(leaf, index, points=boxes[:, :2], memory=memory),
+                prompter(leaf, index, text_embeds=texts, memory=memory)]
+        sum(o.square().sum() for o in outs).backward()
+        grads = [p.grad.clone() for p in prompter.parameters() if p.grad is not None]
+        return outs, leaf.grad, grads
+
+    shared, separate = run(True), run(False)
+    for a, b in zip(shared[0], separate[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared[1], separate[1], rtol=1e-5, atol=1e-6)
+    assert len(shared[2]) == len(separate[2]) > 0
+    for a, b in zip(shared[2], separate[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="other image tokens"):
+        prompter(tokens.clone(), index, boxes=boxes, memory=prompter.encode_image(tokens))
