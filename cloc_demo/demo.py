@@ -1,6 +1,6 @@
 """The paper in miniature: CLOC beats CLIP on region tasks at equal budget, on a CPU.
 
-    python -m cloc_demo.demo                     # `make demo`: ~18 min on 2 CPU cores, one seed
+    python -m cloc_demo.demo                     # `make demo`: ~14 min on 2 CPU cores, one seed
     python -m cloc_demo.demo --preset headline --seeds 3 --reuse  # `make demo-seeds`: the documented headline
     python -m cloc_demo.demo --preset long       # `make demo-long`: CLIP trained until it learns shape
     python -m cloc_demo.demo --preset ablations --seeds 3 --reuse  # `make ablations`: Table 2 in miniature
@@ -116,7 +116,7 @@ class DemoSettings:
         return PretrainConfig.from_dict(self.training)
 
 
-# `make demo`: CLOC and CLIP at equal steps, one seed, ~18 min on 2 cores (the equal-time row is demo-long's)
+# `make demo`: CLOC and CLIP at equal steps, one seed, ~14 min on 2 cores (the equal-time row is demo-long's)
 _DEMO = {"goals": {"region_macc_margin": 30.0, "rec_head_acc50": 60.0, "cloc_region_macc": 74.0},
          "equal_time_run": False}
 
