@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
+import importlib
 import json
 import logging
 import shutil
@@ -328,10 +330,41 @@ def train_run(name: str, out: Path, data: Path, preset: DemoSettings, objective:
     return RunResult(name, run_dir, steps, trainer.elapsed, curve, model.eval(), trainer.processor)
 
 
+TEST_RESULTS = "demo_test_eval.json"  # a run's test-split results, so that --reuse does not evaluate again
+
+
+def _source_digest(*packages: str) -> str:
+    """A digest of the Python sources of ``packages``: results computed by other code do not match it."""
+    digest = hashlib.sha256()
+    for package in packages:
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root.parent).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# The code a run's test results depend on besides its weights, as loaded by this process.
+_EVAL_CODE = _source_digest("cloc_hf", "cloc_data", "eval")
+
+
 def final_eval(run: RunResult, data: Path, methods: tuple[str, ...], preset: DemoSettings) -> dict[str, Any]:
+    """The run's test-split results. They are kept in the run's folder with what they depend on (methods,
+    image count, the data's settings, a digest of the model, data and evaluation code); a reused run
+    whose kept results match is not evaluated again (a retrained run's folder starts empty)."""
+    data_marker = data / "demo_data.json"
+    key = jsonable({"methods": list(methods), "max_images": preset.test_images, "split": "test", "code": _EVAL_CODE,
+                    "data": json.loads(data_marker.read_text()) if data_marker.exists() else str(data)})
+    kept = run.output_dir / TEST_RESULTS
+    if kept.exists() and (saved := json.loads(kept.read_text())).get("key") == key:
+        logger.info("%s: reusing its test results (%s)", run.name, kept)
+        return saved["results"]
     with torch.no_grad():
-        return evaluate(run.model, run.processor, data, methods=methods, max_images=preset.test_images,
-                        split="test", model_name=run.name)
+        results = evaluate(run.model, run.processor, data, methods=methods, max_images=preset.test_images,
+                           split="test", model_name=run.name)
+    results = json.loads(json.dumps(jsonable(results)))  # the same form whether evaluated or reused
+    kept.write_text(json.dumps({"key": key, "results": results}))
+    return results
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,7 +451,8 @@ def run_demo(preset_name: str = "demo", out: str | Path = "runs/demo", seed: int
     ``seeds``: how many seeds (``seed``, ``seed + 1``, ...). One seed writes everything into ``out``;
     several write each seed's runs and report into ``out/seed<S>`` and the mean ± std report, with the
     first seed's pictures, into ``out``. ``reuse``: finished runs with the same settings (and data) in
-    their folders are loaded, not trained again (``--reuse``; a stopped multi-hour job picks up there).
+    their folders are loaded, not trained again, and their kept test results are reused when they match
+    (``--reuse``; a stopped multi-hour job picks up there).
     """
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
@@ -449,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="repeat every run with seeds SEED .. SEED+N-1; tables show mean ± std (default 1)")
     parser.add_argument("--steps", type=int, help="override the preset's training steps")
     parser.add_argument("--reuse", action="store_true",
-                        help="load finished runs with the same settings from OUT instead of training them again")
+                        help="load finished runs with the same settings from OUT instead of training them again "
+                             "(and their kept test results, when the evaluation code and settings are unchanged)")
     parser.add_argument("--num-workers", type=int, help="DataLoader workers (default 0: the math needs the cores)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -302,9 +302,17 @@ def test_reuse_loads_finished_runs_and_retrains_changed_ones(tmp_path, monkeypat
         trained.append(Path(config.output_dir).name)
         return real_trainer(config, **kwargs)
 
+    evaluated = []
+    real_evaluate = demo.evaluate
+
+    def counting_evaluate(model, processor, data, **kwargs):
+        evaluated.append(kwargs["model_name"])
+        return real_evaluate(model, processor, data, **kwargs)
+
     monkeypatch.setattr(demo, "Trainer", counting_trainer)
+    monkeypatch.setattr(demo, "evaluate", counting_evaluate)
     second = demo.run_demo("smoke", tmp_path, seed=2, overrides=overrides, reuse=True)
-    assert trained == []
+    assert trained == [] and evaluated == []  # the kept test results of unchanged runs are reused
     assert second["rows"] == first["rows"]
     assert second["runs"]["cloc"]["seconds"] == first["runs"]["cloc"]["seconds"]
     # a run whose saved model config differs from what the settings build now (a changed library default)
@@ -312,8 +320,12 @@ def test_reuse_loads_finished_runs_and_retrains_changed_ones(tmp_path, monkeypat
     saved["prompter_config"]["box_attention_bias"] = 1.23
     (tmp_path / "clip" / "config.json").write_text(json.dumps(saved))
     demo.run_demo("smoke", tmp_path, seed=2, overrides=overrides, reuse=True)
-    assert trained == ["clip"]
+    assert trained == ["clip"] and evaluated == ["clip"]  # a retrained run is evaluated again
     trained.clear()
+    evaluated.clear()
+    # other test settings: the same runs, evaluated again
+    demo.run_demo("smoke", tmp_path, seed=2, overrides={**overrides, "test_images": 4}, reuse=True)
+    assert trained == [] and sorted(evaluated) == ["clip", "cloc"]
     # a changed training setting (here the learning rate) makes both runs train again
     demo.run_demo("smoke", tmp_path, seed=2, reuse=True, overrides={**overrides, "training": {"lr": 1e-4}})
     assert trained == ["cloc", "clip"]
